@@ -1,0 +1,80 @@
+"""Physically prune a model by a PrunePlan: fewer layers, thinner FFNs, fewer KV groups.
+
+Removal keeps selected rows of gate/up and columns of down (FFN channel j lives in all three),
+and for a KV group g its query heads' rows of q and columns of o, and its rows of k and v.
+Biases flagged in the plan are created as zeros here; recovery fills them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeprune import arch
+from edgeprune.plan import PrunePlan
+
+
+def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.detach()
+    b = lin.bias.detach() if lin.bias is not None else None
+    if rows is not None:
+        w = w.index_select(0, rows)
+        b = b.index_select(0, rows) if b is not None else None
+    if cols is not None:
+        w = w.index_select(1, cols)
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    return new
+
+
+def prune_ffn(layer, keep: list[int]) -> None:
+    mlp = layer.mlp
+    idx = torch.tensor(keep, dtype=torch.long, device=mlp.down_proj.weight.device)
+    mlp.gate_proj = _sliced(mlp.gate_proj, rows=idx)
+    mlp.up_proj = _sliced(mlp.up_proj, rows=idx)
+    mlp.down_proj = _sliced(mlp.down_proj, cols=idx)
+    mlp.intermediate_size = len(keep)
+
+
+def prune_kv_groups(layer, keep: list[int], head_dim: int) -> None:
+    attn = layer.self_attn
+    n_kv = attn.k_proj.out_features // head_dim
+    if len(keep) == n_kv:
+        return
+    q_per_group = attn.q_proj.out_features // head_dim // n_kv
+    dev = attn.q_proj.weight.device
+    kv_rows = torch.tensor([g * head_dim + i for g in keep for i in range(head_dim)], dtype=torch.long, device=dev)
+    q_rows = torch.tensor(
+        [(g * q_per_group + h) * head_dim + i for g in keep for h in range(q_per_group) for i in range(head_dim)],
+        dtype=torch.long,
+        device=dev,
+    )
+    attn.q_proj = _sliced(attn.q_proj, rows=q_rows)
+    attn.k_proj = _sliced(attn.k_proj, rows=kv_rows)
+    attn.v_proj = _sliced(attn.v_proj, rows=kv_rows)
+    attn.o_proj = _sliced(attn.o_proj, cols=q_rows)
+    attn.num_key_value_groups = q_per_group
+
+
+def _ensure_bias(lin: nn.Linear) -> None:
+    if lin.bias is None:
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+
+
+@torch.no_grad()
+def apply_plan(model, plan: PrunePlan) -> None:
+    """Prune `model` (the dense base of `plan`) in place."""
+    hd = arch.head_dim(model)
+    arch.keep_layers(model, [lp.index for lp in plan.layers])
+    for layer, lp in zip(arch.layers(model), plan.layers):
+        if len(lp.ffn_keep) != layer.mlp.down_proj.in_features:
+            prune_ffn(layer, lp.ffn_keep)
+        prune_kv_groups(layer, lp.kv_keep, hd)
+        if lp.ffn_bias:
+            _ensure_bias(layer.mlp.down_proj)
+        if lp.attn_out_bias:
+            _ensure_bias(layer.self_attn.o_proj)
+    model.config.intermediate_size = max(plan.widths()) if plan.layers else model.config.intermediate_size

@@ -1,0 +1,78 @@
+"""Pruned checkpoints: safetensors + config.json + plan.json, reloadable with identical logits.
+
+Layout of a checkpoint directory:
+  model.safetensors        the pruned weights (no pickles)
+  config.json              the base Llama config, `num_hidden_layers` = kept layers, plus
+                           `edgeprune_layer_shapes` and an `auto_map` to modeling_edgeprune.py
+  modeling_edgeprune.py    a 40-line subclass of LlamaForCausalLM that builds per-layer shapes
+  plan.json                the PrunePlan (what was kept, from which base model)
+  tokenizer files, generation_config.json
+
+edgeprune reloads it with `load_pruned`; plain transformers users with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from edgeprune import arch
+from edgeprune.errors import EdgepruneError
+from edgeprune.plan import PrunePlan
+
+REMOTE_CODE = "modeling_edgeprune.py"
+
+
+def save_pruned(model, tokenizer, plan: PrunePlan, out: Path) -> None:
+    """Write a checkpoint into `out` (callers make `out` a temporary dir and rename it when done)."""
+    from edgeprune.models import save_hf
+
+    out = Path(out)
+    shapes = [s.to_dict() for s in arch.layer_shapes(model)]
+    model.config.edgeprune_layer_shapes = shapes
+    model.config.auto_map = {"AutoModelForCausalLM": "modeling_edgeprune.EdgepruneLlamaForCausalLM"}
+    model.config.architectures = ["EdgepruneLlamaForCausalLM"]
+    save_hf(model, tokenizer, out)
+    shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), out / REMOTE_CODE)
+    plan.save(out / "plan.json")
+
+
+def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, spec: str | None = None):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from edgeprune.models import LoadedModel, _dir_fingerprint
+
+    path = Path(path)
+    plan = PrunePlan.load(path / "plan.json")
+    try:
+        cfg_dict = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgepruneError(f"{path}/config.json is missing or not JSON ({type(exc).__name__})") from None
+    shapes = cfg_dict.pop("edgeprune_layer_shapes", None)
+    cfg_dict.pop("auto_map", None)
+    cfg_dict["architectures"] = ["LlamaForCausalLM"]
+    if not shapes:
+        raise EdgepruneError(f"{path}/config.json has no edgeprune_layer_shapes: not an edgeprune checkpoint")
+    config = LlamaConfig.from_dict(cfg_dict)
+    model = LlamaForCausalLM(config)
+    hd = arch.head_dim(model)
+    for layer, shape in zip(arch.layers(model), shapes):
+        arch.resize_layer(layer, shape, hd)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise EdgepruneError(f"{weights} is missing: the checkpoint is incomplete")
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise EdgepruneError(f"{path} does not match its own shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(model, tokenizer, spec or str(path), str(path.resolve()), _dir_fingerprint(path), plan=plan)

@@ -1,0 +1,109 @@
+"""A tiny random Llama and a real byte-level BPE tokenizer, built offline in about a second.
+
+Unit tests and synthetic latency models use these; integration tests use the real SmolLM2.
+The tokenizer mirrors SmolLM2's layout (digits split, byte-level BPE, ChatML special tokens) so
+the GGUF writer's tokenizer path is exercised the same way, just with a small vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_CORPUS = """\
+The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest
+structure in Paris. Its base is square, measuring 125 metres on each side. During its construction,
+the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the
+world, a title it held for 41 years until the Chrysler Building in New York City was finished in 1930.
+The capital of France is Paris. The capital of Germany is Berlin. Edge devices run small language
+models on a few watts; pruning removes channels, heads and whole layers so that the model fits.
+Robert Boulter is an English film, television and theatre actor. He had a guest-starring role on the
+television series The Bill in 2000. This was followed by a starring role in the play Herons written by
+Simon Stephens, which was performed in 2001 at the Royal Court Theatre.
+"""
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(
+    tokenizer=None,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 192,
+    seed: int = 0,
+    tie: bool = True,
+    init_std: float = 0.08,
+):
+    """A random LlamaForCausalLM whose logits are peaked enough for argmax comparisons."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms so RMSNorm weights are exercised by exporters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+        model.model.embed_tokens.weight.normal_(0.0, 0.5)  # logits of std ~4: a clear argmax
+    return model, tokenizer
+
+
+def save_tiny_llama(out: Path, **kwargs) -> Path:
+    from edgeprune.models import save_hf
+
+    model, tokenizer = tiny_llama(**kwargs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_hf(model, tokenizer, out)
+    return out

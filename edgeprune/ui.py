@@ -1,0 +1,48 @@
+"""Terminal output: results on stdout, progress and messages on stderr (so --json stays clean)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def info(msg: str) -> None:
+    err.print(f"[dim]•[/dim] {msg}")
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def progress(quiet: bool = False):
+    """Yield a callback `update(label, done, total)` that drives one bar per label."""
+    if quiet or not err.is_terminal and not sys.stderr.isatty():
+        last = {}
+
+        def plain(label, done, total):  # non-interactive: a line per 25% so CI logs show life
+            step = max(total // 4, 1)
+            if done == total or done // step != last.get(label, -1):
+                last[label] = done // step
+                if not quiet:
+                    err.print(f"  {label}: {done}/{total}")
+
+        yield plain
+        return
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err, transient=False)
+    tasks = {}
+    with bars:
+        def update(label, done, total):
+            if label not in tasks:
+                tasks[label] = bars.add_task(label, total=total)
+            bars.update(tasks[label], completed=done, total=total)
+
+        yield update

@@ -1,0 +1,1 @@
+"""Exporters: GGUF for llama.cpp, ONNX for onnxruntime."""

@@ -1,0 +1,89 @@
+"""What every exporter shares: atomic outputs, verification windows and thresholds, bench statistics.
+
+An export is written under a temporary name beside its destination, verified against the torch
+model, and only then renamed into place; on any failure the temporary file is removed, so an
+interrupted or rejected export never leaves a half-written model under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import statistics
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+# Thresholds for unquantized artifacts (F32 GGUF, fp32 ONNX): the brief's numbers.
+MIN_TOP1_EXACT = 0.995
+GREEDY_TOKENS = 32
+
+
+def verification_text() -> str:
+    """A WikiText-2 validation excerpt shipped in the wheel (never the test split)."""
+    return resources.files("edgeprune").joinpath("data/wikitext2_valid_excerpt.txt").read_text(encoding="utf-8")
+
+
+def verification_windows(tokenizer, seqlen: int = 256, n: int = 4) -> np.ndarray:
+    from edgeprune.evaluate import token_windows
+
+    return token_windows(tokenizer, verification_text(), seqlen, max_windows=n).numpy()
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path):
+    """Yield a temporary path next to `final`; rename it into place only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary directory next to `final`; swap it into place only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summarize(samples: list[float]) -> dict:
+    """Median and spread of repeated measurements (spread = (max - min) / median)."""
+    med = statistics.median(samples)
+    return {
+        "median": med,
+        "min": min(samples),
+        "max": max(samples),
+        "spread": (max(samples) - min(samples)) / med if med else 0.0,
+        "repeats": len(samples),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

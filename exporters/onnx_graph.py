@@ -1,0 +1,319 @@
+"""Write a (possibly pruned) Llama decoder as one ONNX graph with a KV cache, straight from its modules.
+
+Why not `torch.onnx.export`: the dynamo exporter traces the HF code symbolically, and on this
+2-core machine that took 2-5 minutes for SmolLM2-135M (torch.export ~30 s, decompositions and
+translation ~90 s, the onnxscript optimizer ~140 s, all scaling with the layer count), against a
+30 s budget. A Llama decoder layer is a dozen well-known operations, so we emit them directly with
+`onnx.helper`, reading every weight, bias, norm epsilon and the RoPE frequencies from the in-memory
+modules (nothing is rebuilt from config.json). The graph is checked against torch at export.
+
+Layout per layer i (per-layer head counts come from the module shapes):
+  q [B, n_kv, g, S, hd] (g = n_heads / n_kv), k/v [B, n_kv, S, hd];
+  present = Concat(past, new) on the sequence axis; scores broadcast q against k[:, :, None],
+  so grouped-query attention never copies K/V.
+
+Weights go to an external data file, written tensor by tensor while the graph is built, so the
+export never holds a second in-memory copy of the model (protobuf caps inline models at 2 GB).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgeprune.errors import EdgepruneError
+
+OPSET = 17  # ORT 1.32 runs it; the int8/int4 quantizers rewrite MatMul nodes at any opset >= 13
+DATA_SUFFIX = "_data"  # model.onnx_data: optimum's name for external weights
+_EXTERNAL_MIN_BYTES = 1024  # small constants stay inline so the graph stays readable
+_ALIGN = 4096  # page-aligned offsets let onnxruntime memory-map the weights
+_NEG = float(np.finfo(np.float32).min)  # finite, so a fully masked (padding) row gives no NaN
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load time
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+
+    def to_dict(self) -> dict:
+        return {"n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim, "ffn": self.ffn}
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """optimum's names: ORTModelForCausalLM finds the cache by '.key' / '.value' in them."""
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+class _Builder:
+    """Collects nodes and initializers; big initializers are appended to the external data file."""
+
+    def __init__(self, data_path: Path):
+        self.data_path = data_path
+        self._data = open(data_path, "wb")
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def close(self) -> None:
+        self._data.close()
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < _EXTERNAL_MIN_BYTES:
+            self.inits.append(onnx.numpy_helper.from_array(array, name))
+            return name
+        pad = -self._data.tell() % _ALIGN
+        self._data.write(b"\0" * pad)
+        offset = self._data.tell()
+        self._data.write(array.tobytes())
+        t = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        self.inits.append(t)
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        self._n += 1
+        return self.weight(f"const_{self._n}", np.asarray(values, dtype=dtype))
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs):
+        outs = [f"{name}/out{k}" if n_out > 1 else f"{name}/out" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs if n_out > 1 else outs[0]
+
+    def op_to(self, op_type: str, inputs: list[str], output: str, name: str, **attrs) -> str:
+        """A node writing a graph output under its public name."""
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=name, **attrs))
+        return output
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+def _linear(b: _Builder, x: str, lin, name: str) -> str:
+    """x @ W^T (+ bias); W stored transposed [in, out] so quantizers see MatMul(x, initializer)."""
+    y = b.op("MatMul", [x, b.weight(f"{name}.weight", _np(lin.weight).T)], f"{name}/MatMul")
+    if lin.bias is not None:
+        y = b.op("Add", [y, b.weight(f"{name}.bias", _np(lin.bias))], f"{name}/Add")
+    return y
+
+
+def _rms_norm(b: _Builder, x: str, norm, name: str) -> str:
+    """HF LlamaRMSNorm in fp32: x / sqrt(mean(x^2) + eps) * w (the pattern ORT fuses)."""
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps")
+    sq = b.op("Pow", [x, b.const(2.0, np.float32)], f"{name}/Pow")
+    mean = b.op("ReduceMean", [sq], f"{name}/ReduceMean", axes=[-1], keepdims=1)
+    std = b.op("Sqrt", [b.op("Add", [mean, b.const(eps, np.float32)], f"{name}/Add")], f"{name}/Sqrt")
+    y = b.op("Div", [x, std], f"{name}/Div")
+    return b.op("Mul", [y, b.weight(f"{name}.weight", _np(norm.weight))], f"{name}/Mul")
+
+
+def _rope(b: _Builder, x: str, cos: str, sin_signed: str, half: int, name: str) -> str:
+    """x*cos + rotate_half(x)*sin, with rotate_half's sign folded into sin_signed = [-sin, sin]."""
+    x1, x2 = b.op("Split", [x, b.const([half, half])], f"{name}/Split", n_out=2, axis=-1)
+    swapped = b.op("Concat", [x2, x1], f"{name}/Concat", axis=-1)
+    return b.op(
+        "Add",
+        [b.op("Mul", [x, cos], f"{name}/MulCos"), b.op("Mul", [swapped, sin_signed], f"{name}/MulSin")],
+        f"{name}/Add",
+    )
+
+
+def _rope_tables(b: _Builder, rotary) -> tuple[str, str]:
+    """cos and signed sin [B, S, hd] from position_ids, as HF's LlamaRotaryEmbedding computes them."""
+    inv_freq = _np(rotary.inv_freq)
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    pos = b.op("Cast", ["position_ids"], "rope/Cast", to=TensorProto.FLOAT)
+    freqs = b.op("Mul", [b.op("Unsqueeze", [pos, b.const([-1])], "rope/Unsqueeze"), b.weight("rope.inv_freq", inv_freq)], "rope/Mul")
+    cos_h, sin_h = b.op("Cos", [freqs], "rope/Cos"), b.op("Sin", [freqs], "rope/Sin")
+    if scaling != 1.0:
+        cos_h = b.op("Mul", [cos_h, b.const(scaling, np.float32)], "rope/ScaleCos")
+        sin_h = b.op("Mul", [sin_h, b.const(scaling, np.float32)], "rope/ScaleSin")
+    cos = b.op("Concat", [cos_h, cos_h], "rope/ConcatCos", axis=-1)
+    sin_signed = b.op("Concat", [b.op("Neg", [sin_h], "rope/Neg"), sin_h], "rope/ConcatSin", axis=-1)
+    return cos, sin_signed
+
+
+def _mask_bias(b: _Builder) -> str:
+    """Additive attention bias [B, 1, 1, S, T]: 0 where key j is visible to query i, else float min.
+
+    Visible = causal (j <= past + i, with past = T - S from the mask length) and not padding
+    (attention_mask[b, j] == 1); this is what HF builds from the same two inputs.
+    """
+    total = b.op("Gather", [b.op("Shape", ["attention_mask"], "mask/ShapeT"), b.const(1)], "mask/T", axis=0)
+    seq = b.op("Gather", [b.op("Shape", ["input_ids"], "mask/ShapeS"), b.const(1)], "mask/S", axis=0)
+    past = b.op("Sub", [total, seq], "mask/Past")
+    q_pos = b.op("Range", [past, total, b.const(1)], "mask/QPos")
+    k_pos = b.op("Range", [b.const(0), total, b.const(1)], "mask/KPos")
+    causal = b.op(
+        "LessOrEqual",
+        [b.op("Unsqueeze", [k_pos, b.const([0])], "mask/K2"), b.op("Unsqueeze", [q_pos, b.const([1])], "mask/Q2")],
+        "mask/Causal",
+    )  # [S, T]
+    keep = b.op("Cast", ["attention_mask"], "mask/Keep", to=TensorProto.BOOL)
+    visible = b.op("And", [causal, b.op("Unsqueeze", [keep, b.const([1])], "mask/Keep3")], "mask/Visible")  # [B, S, T]
+    bias = b.op("Where", [visible, b.const(0.0, np.float32), b.const(_NEG, np.float32)], "mask/Where")
+    return b.op("Unsqueeze", [bias, b.const([1, 2])], "mask/Bias")
+
+
+def _attention(b: _Builder, x: str, attn, info: LayerInfo, i: int, cos: str, sin_signed: str, bias: str) -> str:
+    name, hd, n_kv = f"layers.{i}.self_attn", info.head_dim, info.n_kv_heads
+    g = info.n_heads // n_kv
+    q = _linear(b, x, attn.q_proj, f"{name}.q_proj")
+    k = _linear(b, x, attn.k_proj, f"{name}.k_proj")
+    v = _linear(b, x, attn.v_proj, f"{name}.v_proj")
+    q = b.op("Reshape", [q, b.const([0, 0, n_kv, g, hd])], f"{name}/QReshape")
+    q = b.op("Transpose", [q], f"{name}/QTranspose", perm=[0, 2, 3, 1, 4])  # [B, n_kv, g, S, hd]
+    k = b.op("Transpose", [b.op("Reshape", [k, b.const([0, 0, n_kv, hd])], f"{name}/KReshape")], f"{name}/KTranspose", perm=[0, 2, 1, 3])
+    v = b.op("Transpose", [b.op("Reshape", [v, b.const([0, 0, n_kv, hd])], f"{name}/VReshape")], f"{name}/VTranspose", perm=[0, 2, 1, 3])
+    q = _rope(b, q, cos + "5", sin_signed + "5", hd // 2, f"{name}/QRope")
+    k = _rope(b, k, cos + "4", sin_signed + "4", hd // 2, f"{name}/KRope")
+    present_k = b.op_to("Concat", [f"past_key_values.{i}.key", k], f"present.{i}.key", f"{name}/KConcat", axis=2)
+    present_v = b.op_to("Concat", [f"past_key_values.{i}.value", v], f"present.{i}.value", f"{name}/VConcat", axis=2)
+    # scale = 1/sqrt(hd) applied to q (exact for hd = 64: a power of two)
+    q = b.op("Mul", [q, b.const(1.0 / np.sqrt(hd), np.float32)], f"{name}/Scale")
+    k5 = b.op("Unsqueeze", [present_k, b.const([2])], f"{name}/K5")
+    kt = b.op("Transpose", [k5], f"{name}/KT", perm=[0, 1, 2, 4, 3])
+    scores = b.op("Add", [b.op("MatMul", [q, kt], f"{name}/QK"), bias], f"{name}/Mask")
+    probs = b.op("Softmax", [scores], f"{name}/Softmax", axis=-1)
+    v5 = b.op("Unsqueeze", [present_v, b.const([2])], f"{name}/V5")
+    ctx = b.op("MatMul", [probs, v5], f"{name}/PV")  # [B, n_kv, g, S, hd]
+    ctx = b.op("Transpose", [ctx], f"{name}/CtxTranspose", perm=[0, 3, 1, 2, 4])
+    ctx = b.op("Reshape", [ctx, b.const([0, 0, -1])], f"{name}/CtxReshape")
+    return _linear(b, ctx, attn.o_proj, f"{name}.o_proj")
+
+
+def _mlp(b: _Builder, x: str, mlp, i: int) -> str:
+    name = f"layers.{i}.mlp"
+    gate = _linear(b, x, mlp.gate_proj, f"{name}.gate_proj")
+    act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{name}/Sigmoid")], f"{name}/SiLU")
+    hidden = b.op("Mul", [act, _linear(b, x, mlp.up_proj, f"{name}.up_proj")], f"{name}/GateUp")
+    return _linear(b, hidden, mlp.down_proj, f"{name}.down_proj")
+
+
+def _lm_head(b: _Builder, x: str, model, tied_gemm: bool) -> str:
+    if tied_gemm:
+        # Gemm(transB=1) reads the embedding table in place: one copy of the tied weight.
+        flat = b.op("Reshape", [x, b.const([-1, model.config.hidden_size])], "lm_head/Flatten")
+        y = b.op("Gemm", [flat, "model.embed_tokens.weight"], "lm_head/Gemm", transB=1)
+        shape = b.op(
+            "Concat", [b.op("Shape", ["input_ids"], "lm_head/Shape"), b.const([model.lm_head.out_features])], "lm_head/OutShape", axis=0
+        )
+        return b.op_to("Reshape", [y, shape], "logits", "lm_head/Reshape")
+    w = b.weight("lm_head.weight", _np(model.lm_head.weight).T)
+    y = b.op_to("MatMul", [x, w], "logits" if model.lm_head.bias is None else "lm_head/out", "lm_head/MatMul")
+    if model.lm_head.bias is not None:
+        y = b.op_to("Add", [y, b.weight("lm_head.bias", _np(model.lm_head.bias))], "logits", "lm_head/Add")
+    return y
+
+
+def check_supported(model) -> None:
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise EdgepruneError(f"ONNX export supports Llama-family models, not model_type '{getattr(cfg, 'model_type', None)}'")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise EdgepruneError(f"ONNX export supports the SiLU MLP of Llama, not hidden_act '{cfg.hidden_act}'")
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope_type not in _STATIC_ROPE:
+        raise EdgepruneError(f"ONNX export supports static RoPE ({', '.join(_STATIC_ROPE)}), not rope_type '{rope_type}'")
+
+
+def layer_infos(model) -> list[LayerInfo]:
+    from edgeprune.arch import head_dim, layer_shapes
+
+    hd = head_dim(model)
+    infos = [LayerInfo(s.n_heads, s.n_kv_heads, hd, s.ffn) for s in layer_shapes(model)]
+    for i, info in enumerate(infos):
+        if info.n_kv_heads == 0 or info.n_heads % info.n_kv_heads:
+            raise EdgepruneError(
+                f"layer {i} has {info.n_heads} query heads and {info.n_kv_heads} KV heads: ONNX export needs "
+                "at least one KV head and n_heads divisible by n_kv_heads (drop the layer instead)"
+            )
+    return infos
+
+
+def _value_info(name: str, elem, dims) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, dims)
+
+
+def build_decoder(model, path: Path, quantizable_lm_head: bool = False) -> list[LayerInfo]:
+    """Write `model` as `path` (graph) + `path`_data (weights). Returns the per-layer shapes.
+
+    quantizable_lm_head: give the lm_head its own transposed weight and a MatMul even when it is
+    tied to the embedding, so the int8/int4 quantizers (which rewrite MatMul(x, initializer))
+    cover it; in fp32 a tied head reads the embedding through Gemm(transB) instead (no copy).
+    """
+    import torch
+
+    check_supported(model)
+    infos = layer_infos(model)
+    cfg = model.config
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    b = _Builder(Path(str(path) + DATA_SUFFIX))
+    try:
+        with torch.no_grad():
+            b.weight("model.embed_tokens.weight", _np(model.model.embed_tokens.weight))
+            h = b.op("Gather", ["model.embed_tokens.weight", "input_ids"], "embed_tokens/Gather", axis=0)
+            cos, sin_signed = _rope_tables(b, model.model.rotary_emb)
+            for t in (cos, sin_signed):  # broadcast views for k [B, n_kv, S, hd] and q [B, n_kv, g, S, hd]
+                b.op_to("Unsqueeze", [t, b.const([1])], t + "4", t + "/U4")
+                b.op_to("Unsqueeze", [t, b.const([1, 2])], t + "5", t + "/U5")
+            bias = _mask_bias(b)
+            for i, (layer, info) in enumerate(zip(model.model.layers, infos)):
+                a = _rms_norm(b, h, layer.input_layernorm, f"layers.{i}.input_layernorm")
+                h = b.op("Add", [h, _attention(b, a, layer.self_attn, info, i, cos, sin_signed, bias)], f"layers.{i}/AttnResidual")
+                m = _rms_norm(b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+                h = b.op("Add", [h, _mlp(b, m, layer.mlp, i)], f"layers.{i}/MlpResidual")
+            h = _rms_norm(b, h, model.model.norm, "norm")
+            _lm_head(b, h, model, tied_gemm=tied and not quantizable_lm_head)
+    finally:
+        b.close()
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [
+        _value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+        _value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
+        _value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [_value_info("logits", f32, ["batch_size", "sequence_length", cfg.vocab_size])]
+    for i, info in enumerate(infos):
+        for kv in ("key", "value"):
+            inputs.append(_value_info(f"past_key_values.{i}.{kv}", f32, ["batch_size", info.n_kv_heads, "past_sequence_length", info.head_dim]))
+            outputs.append(_value_info(f"present.{i}.{kv}", f32, ["batch_size", info.n_kv_heads, "total_sequence_length", info.head_dim]))
+    graph = helper.make_graph(b.nodes, "edgeprune_llama_decoder", inputs, outputs, b.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeprune")
+    proto.ir_version = 8  # what opset 17 needs; older onnxruntimes refuse newer IR versions
+    onnx.save(proto, str(path))
+    return infos
+
+
+def sidecar(infos: list[LayerInfo], dtype: str, extra: dict | None = None) -> dict:
+    inputs, outputs = io_names(len(infos))
+    return {
+        "format": "edgeprune-onnx-decoder",
+        "version": 1,
+        "dtype": dtype,
+        "opset": OPSET,
+        "num_layers": len(infos),
+        "layers": [info.to_dict() for info in infos],
+        "inputs": inputs,
+        "outputs": outputs,
+        **(extra or {}),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,48 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): a 4-layer random Llama with a real byte-level BPE tokenizer."""
+    from edgeprune.testing import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from edgeprune.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", layers=6, ffn=256)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (embedded default), loaded once per test session."""
+    from edgeprune.models import load_model
+
+    return load_model(os.environ.get("EDGEPRUNE_TEST_MODEL", "smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def wikitext_test():
+    path = SHARED_DATA / "wikitext2-test.raw"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (shared data lives beside the repository)")
+    return path
+
+
+def run_cli(*args, timeout=900, env=None):
+    """Run the installed CLI in a subprocess: exit code, stdout, stderr as the user sees them."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgeprune.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )

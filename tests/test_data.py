@@ -1,0 +1,58 @@
+"""Calibration data: self-generated, files, and their errors."""
+
+import json
+
+import pytest
+import torch
+
+from edgeprune.data import calibration_ids, windows_from_text
+from edgeprune.errors import EdgepruneError
+from tests.conftest import run_cli
+
+
+def test_self_generated_is_seeded(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path))
+    model, tok = tiny
+    a, desc, _ = calibration_ids(model, tok, "self", nsamples=3, seqlen=12, seed=1)
+    b, _, _ = calibration_ids(model, tok, "self", nsamples=3, seqlen=12, seed=1, fingerprint="f" * 64)
+    c, _, _ = calibration_ids(model, tok, "self", nsamples=3, seqlen=12, seed=1, fingerprint="f" * 64)  # from cache
+    d, _, _ = calibration_ids(model, tok, "self", nsamples=3, seqlen=12, seed=2)
+    assert a.shape == (3, 12) and torch.equal(a, b) and torch.equal(b, c)
+    assert not torch.equal(a, d)
+    assert (a[:, 0] == tok.bos_token_id).all()
+    assert desc["tokens"] == 36 and desc["kind"].startswith("self-generated")
+
+
+def test_text_and_jsonl_files(tiny, tmp_path):
+    _, tok = tiny
+    txt = tmp_path / "c.txt"
+    txt.write_text("The tower is 324 metres tall. " * 50)
+    ids, desc, _ = calibration_ids(None, tok, str(txt), nsamples=4, seqlen=16, seed=0)
+    assert ids.shape == (4, 16) and desc["kind"] == "file c.txt"
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": "Paris is the capital of France. " * 10}) for _ in range(5)))
+    ids2, _, _ = calibration_ids(None, tok, str(jl), nsamples=2, seqlen=16, seed=0)
+    assert ids2.shape == (2, 16)
+
+
+@pytest.mark.parametrize("content,match", [("", "empty"), ("{not json}\n", "is not JSON"), ('{"txt": 1}\n', "no string 'text'")])
+def test_bad_jsonl(tiny, tmp_path, content, match):
+    _, tok = tiny
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(EdgepruneError, match=match):
+        calibration_ids(None, tok, str(f), nsamples=2, seqlen=16)
+
+
+def test_text_too_short(tiny):
+    _, tok = tiny
+    with pytest.raises(EdgepruneError, match="fewer than one"):
+        windows_from_text(tok, "tiny", 2, 64, 0)
+
+
+def test_empty_calibration_file_cli(tiny_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = run_cli("prune", tiny_dir, "--calib", empty, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "calibration file is empty" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()

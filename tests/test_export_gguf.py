@@ -1,0 +1,282 @@
+"""GGUF export: uniform -> llama, per-layer shapes -> deci, quantized types, refusals, atomicity, bench.
+
+Everything runs on the tiny random Llama (seconds); one integration test exports the real SmolLM2.
+Verification windows are kept short and llama.cpp/torch run on one thread: the test machines are
+small and shared, and spinning thread pools are much slower than one thread there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.arch import LayerShape, head_dim, keep_layers, layer_shapes, resize_layer
+from edgeprune.errors import EdgepruneError, VerificationError
+from edgeprune.exporters import gguf as G
+from edgeprune.exporters.common import verification_windows
+from edgeprune.testing import tiny_llama, tiny_tokenizer
+
+THREADS = 1
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def windows(tok):
+    return verification_windows(tok, seqlen=128, n=2)
+
+
+def export(model, tok, path, windows, **kw):
+    return G.export_gguf(model, tok, path, verify_windows=windows, n_threads=THREADS, **kw)
+
+
+def read_gguf(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def prune(model, plan: dict, drop: list[int] = ()):
+    """Slice layers in place: plan[i] = (kept query heads, kept KV heads, FFN width, down bias, o bias).
+
+    Kept query heads must still map onto the kept KV heads in order (GQA groups stay intact).
+    """
+    hd = head_dim(model)
+
+    def rows(heads):
+        return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+
+    for i, (q_keep, kv_keep, ffn, down_bias, o_bias) in plan.items():
+        layer = model.model.layers[i]
+        old = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        resize_layer(layer, LayerShape(len(q_keep), len(kv_keep), ffn, down_bias, o_bias), hd)
+        a, m = layer.self_attn, layer.mlp
+        q, kv = rows(q_keep), rows(kv_keep)
+        with torch.no_grad():
+            a.q_proj.weight.copy_(old["self_attn.q_proj.weight"][q])
+            a.k_proj.weight.copy_(old["self_attn.k_proj.weight"][kv])
+            a.v_proj.weight.copy_(old["self_attn.v_proj.weight"][kv])
+            a.o_proj.weight.copy_(old["self_attn.o_proj.weight"][:, q])
+            m.gate_proj.weight.copy_(old["mlp.gate_proj.weight"][:ffn])
+            m.up_proj.weight.copy_(old["mlp.up_proj.weight"][:ffn])
+            m.down_proj.weight.copy_(old["mlp.down_proj.weight"][:, :ffn])
+            if down_bias:  # what FLAP compensation leaves: a bias on the residual stream
+                m.down_proj.bias.normal_(0.0, 0.3)
+            if o_bias:
+                a.o_proj.bias.normal_(0.0, 0.3)
+    if drop:
+        keep_layers(model, [i for i in range(len(model.model.layers)) if i not in drop])
+    return model
+
+
+def pruned_tiny(tok, down_bias=False, o_bias=False):
+    """4 -> 3 layers; per-layer query heads 4/2/2, KV heads 2/1/2, FFN widths 192/128/96."""
+    model, _ = tiny_llama(tok)
+    plan = {1: ([0, 1], [0], 128, down_bias, False), 2: ([0, 2], [0, 1], 96, False, o_bias)}
+    return prune(model, plan, drop=[3])
+
+
+# ------------------------------------------------------------------------------------------------
+# pure-python parts (no llama.cpp needed)
+
+
+def test_rope_permute_pairs_halves():
+    # one head of dim 4: HF rows [x0, x1 | y0, y1] rotate (x_i, y_i) -> llama.cpp wants x0 y0 x1 y1
+    w = np.arange(8, dtype=np.float32).reshape(8, 1)  # two heads
+    assert G.rope_permute(w, 2).ravel().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_arch_choice(tok):
+    model, _ = tiny_llama(tok)
+    assert G.choose_arch(layer_shapes(model)) == "llama"
+    assert G.choose_arch(layer_shapes(pruned_tiny(tok))) == "deci"
+
+
+def test_kquant_needs_rows_of_256(tok, tmp_path):
+    model, _ = tiny_llama(tok)  # hidden 64
+    with pytest.raises(EdgepruneError, match=r"q4_k_m needs every weight row to be a multiple of 256.*token_embd.weight.*q8_0 or q4_0"):
+        G.export_gguf(model, tok, tmp_path / "m.gguf", dtype="q4_k_m")
+    assert not list(tmp_path.iterdir())
+
+
+def test_block_size_error_names_tensor(tok, tmp_path):
+    model, _ = tiny_llama(tok)
+    prune(model, {2: ([0, 1, 2, 3], [0, 1], 100, False, False)})
+    with pytest.raises(EdgepruneError, match=r"q4_0 stores blocks of 32 values, but blk\.2\.ffn_down\.weight has rows of 100"):
+        G.export_gguf(model, tok, tmp_path / "m.gguf", dtype="q4_0")
+
+
+def test_refuses_unsupported_shapes(tok, tmp_path):
+    model, _ = tiny_llama(tok)
+    prune(model, {1: ([0, 1, 2, 3], [0, 1], 0, False, False)})
+    with pytest.raises(EdgepruneError, match="layer 1 has FFN width 0"):
+        G.export_gguf(model, tok, tmp_path / "m.gguf")
+    with pytest.raises(EdgepruneError, match="unknown GGUF dtype"):
+        G.export_gguf(model, tok, tmp_path / "m.gguf", dtype="q3_k")
+
+
+def test_write_metadata_and_tied_embeddings(tok, tmp_path):
+    model = pruned_tiny(tok)
+    path = tmp_path / "m.gguf"
+    G.export_gguf(model, tok, path, verify=False, metadata={"edgeprune.plan": '{"x": 1}'})
+    fields, tensors = read_gguf(path)
+    assert fields["general.architecture"] == "deci"
+    assert fields["deci.feed_forward_length"] == [192, 128, 96]
+    assert fields["deci.attention.head_count"] == [4, 2, 2]
+    assert fields["deci.attention.head_count_kv"] == [2, 1, 2]
+    assert fields["deci.block_count"] == 3
+    assert fields["deci.attention.key_length"] == fields["deci.rope.dimension_count"] == 16
+    assert fields["edgeprune.plan"] == '{"x": 1}'
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    assert tuple(tensors["blk.1.attn_k.weight"].shape) == (64, 16)  # ne0 = in, ne1 = one KV head
+
+
+# ------------------------------------------------------------------------------------------------
+# through llama.cpp
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp")
+
+
+def test_uniform_f32_is_llama_and_matches(llama_cpp, tok, windows, tmp_path):
+    model, _ = tiny_llama(tok)
+    report = export(model, tok, tmp_path / "m.gguf", windows)
+    v = report["verification"]
+    assert report["arch"] == "llama" and report["bytes"] == (tmp_path / "m.gguf").stat().st_size
+    assert v["top1_agreement"] >= 0.995 and v["greedy_match"] == 32 and v["tokenizer_match"]
+    assert v["max_abs_logit_diff"] < 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temp files left
+
+
+def test_untied_output_exported(llama_cpp, tok, windows, tmp_path):
+    model, _ = tiny_llama(tok, tie=False)
+    report = export(model, tok, tmp_path / "m.gguf", windows)
+    assert report["verification"]["top1_agreement"] >= 0.995
+    assert "output.weight" in read_gguf(tmp_path / "m.gguf")[1]
+
+
+def test_pruned_f32_is_deci_and_matches(llama_cpp, tok, windows, tmp_path):
+    model = pruned_tiny(tok)
+    report = export(model, tok, tmp_path / "m.gguf", windows)
+    v = report["verification"]
+    assert report["arch"] == "deci"
+    assert v["top1_agreement"] >= 0.995 and v["greedy_match"] == 32
+
+
+@pytest.mark.parametrize("uniform", [True, False], ids=["llama", "deci"])
+def test_flap_biases_exported_and_verified(llama_cpp, tok, windows, tmp_path, uniform):
+    # llama.cpp's llama and deci graphs both take optional attn_output.bias and ffn_down.bias
+    model, _ = tiny_llama(tok)
+    if uniform:
+        prune(model, {1: ([0, 1, 2, 3], [0, 1], 192, True, True)})
+    else:
+        model = pruned_tiny(tok, down_bias=True, o_bias=True)
+    report = export(model, tok, tmp_path / "m.gguf", windows)
+    assert report["arch"] == ("llama" if uniform else "deci")
+    assert report["verification"]["top1_agreement"] >= 0.995
+    tensors = read_gguf(tmp_path / "m.gguf")[1]
+    assert "blk.1.ffn_down.bias" in tensors and ("blk.1.attn_output.bias" if uniform else "blk.2.attn_output.bias") in tensors
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
+def test_lossy_types_report(llama_cpp, tok, windows, tmp_path, dtype):
+    model = pruned_tiny(tok)
+    report = export(model, tok, tmp_path / "m.gguf", windows, dtype=dtype)
+    v = report["verification"]
+    assert report["dtype"] == dtype and v["top1_agreement"] >= G.MIN_TOP1_LOSSY[dtype]
+    assert 0 <= v["mean_kl"] < 0.1 and v["min_top1"] == G.MIN_TOP1_LOSSY[dtype]
+
+
+def test_kquant_success(llama_cpp, tmp_path):
+    tok = tiny_tokenizer()
+    model, _ = tiny_llama(tok, hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, init_std=0.04)
+    windows = verification_windows(tok, seqlen=64, n=2)
+    report = export(model, tok, tmp_path / "m.gguf", windows, dtype="q4_k_m")
+    assert report["verification"]["top1_agreement"] >= G.MIN_TOP1_LOSSY["q4_k_m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the F32 intermediate is gone
+
+
+def test_verification_failure_leaves_no_file(llama_cpp, tok, windows, tmp_path, monkeypatch):
+    model, _ = tiny_llama(tok)
+    real = G.gguf_tensors
+
+    def corrupt(model, shapes):  # the file gets a different ffn_down than the torch model has
+        for name, arr in real(model, shapes):
+            yield name, (arr * 3.0 if name == "blk.1.ffn_down.weight" else arr)
+
+    monkeypatch.setattr(G, "gguf_tensors", corrupt)
+    with pytest.raises(VerificationError, match="F32 GGUF disagrees with torch: top-1"):
+        export(model, tok, tmp_path / "m.gguf", windows)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_logits_fn_and_bench(llama_cpp, tok, windows, tmp_path):
+    model = pruned_tiny(tok)
+    path = tmp_path / "m.gguf"
+    export(model, tok, path, windows, dtype="q8_0", verify=False)
+    fn = G.llamacpp_logits_fn(path, n_ctx=128, n_threads=THREADS)
+    logits = fn(windows[0])
+    assert logits.shape == (128, len(tok)) and logits.dtype == np.float32
+    assert np.array_equal(fn(windows[0]), logits)  # the KV cache is reset between calls
+    # the CLI form the bench command uses: one JSON line from a torch-free process
+    out = subprocess.run(
+        [sys.executable, "-m", "edgeprune.exporters.gguf", "bench", str(path), "--threads", "1",
+         "--prompt-tokens", "32", "--gen-tokens", "8", "--repeats", "2"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["arch"] == "deci" and r["file_bytes"] == path.stat().st_size
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s"):
+        assert r[key]["median"] > 0 and r[key]["repeats"] == 2
+    assert r["peak_rss_mb"] > 0
+
+
+def test_bench_module_does_not_import_torch():
+    code = "import sys, edgeprune.exporters.gguf; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_bench_missing_file_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edgeprune.exporters.gguf", "bench", str(tmp_path / "nope.gguf")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: GGUF file not found") and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the real model
+
+
+@pytest.mark.integration
+def test_smollm2_f32_export_generates_paris(llama_cpp, tmp_path):
+    from edgeprune.models import load_model
+
+    loaded = load_model(os.environ.get("EDGEPRUNE_TEST_MODEL", "smollm2-135m"))
+    tok = loaded.tokenizer
+    windows = verification_windows(tok, seqlen=128, n=2)
+    torch.set_num_threads(2)
+    report = G.export_gguf(loaded.model, tok, tmp_path / "smol.gguf", verify_windows=windows)
+    assert report["verification"]["top1_agreement"] >= 0.995 and report["verification"]["greedy_match"] == 32
+    llm = G.open_llama(tmp_path / "smol.gguf", n_ctx=64)
+    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    text = tok.decode(G.llamacpp_greedy(llm, prompt, 6))
+    assert "Paris" in text, text

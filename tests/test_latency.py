@@ -1,0 +1,342 @@
+"""The latency/memory model on hand-computed examples, the raspberrypi5 targets, and host calibration.
+
+Hand numbers for SmolLM2-135M (30 layers, d 576, FFN 1536, 9/3 heads of 64, vocab 49152, tied):
+  linear params per layer  q,o 576*576 = 331,776 each; k,v 192*576 = 110,592 each;
+                           gate,up,down 1536*576 = 884,736 each            -> 3,538,944
+  all layers               30 * 3,538,944                                   = 106,168,320
+  embedding (= lm_head)    49152 * 576                                      = 28,311,552
+  norms                    30 * 2 * 576 + 576                               = 35,136 (f32)
+  KV per token (f16)       2 * 30 layers * 3 kv heads * 64 * 2 B            = 23,040 B
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from edgeprune.arch import LayerShape
+from edgeprune.errors import EdgepruneError
+from edgeprune.latency import (
+    LatencyConstants,
+    ModelGeometry,
+    byte_counts,
+    check_profile,
+    check_targets,
+    predict,
+    predict_for_profile,
+    prefill_flops,
+    pruned_geometry,
+)
+from edgeprune.profiles import load_profile
+
+LINEAR = 106_168_320
+EMB = 28_311_552
+NORMS = 35_136
+KV_TOKEN = 23_040
+
+
+@pytest.fixture
+def smol():
+    return ModelGeometry.smollm2_135m()
+
+
+def test_smollm2_param_counts(smol):
+    pc = smol.param_counts()
+    assert pc["linear"] == LINEAR
+    assert pc["embedding"] == EMB
+    assert pc["norms"] == NORMS
+    assert pc["total"] == LINEAR + EMB + NORMS == 134_515_008
+    assert pc["ffn"] == 30 * 3 * 884_736
+
+
+def test_bytes_per_token_q8_0(smol):
+    bc = byte_counts(smol, "q8_0")
+    assert bc.layers == LINEAR * 34 / 32 == 112_803_840
+    assert bc.head == EMB * 34 / 32 == 30_081_024  # tied: the whole embedding is read as the lm_head
+    assert bc.embedding_row == 576 * 34 / 32 == 612  # the input lookup reads one row
+    assert bc.small == 4 * NORMS
+    assert bc.read_per_token == 112_803_840 + 30_081_024 + 612 + 140_544
+    assert bc.stored == 112_803_840 + 30_081_024 + 140_544  # tied embedding stored once
+    assert bc.kv_per_token == KV_TOKEN
+
+
+def test_bytes_other_dtypes(smol):
+    assert byte_counts(smol, "f32").stored == 4 * (LINEAR + EMB + NORMS)
+    assert byte_counts(smol, "f16").stored == 2 * (LINEAR + EMB) + 4 * NORMS
+    q4 = byte_counts(smol, "q4_0")
+    assert q4.layers == LINEAR * 18 / 32 == 59_719_680
+    assert q4.head == EMB * 34 / 32  # the GGUF exporter keeps the tied embedding in Q8_0 for q4_0
+
+
+def test_q4_k_m_mix_and_fallback():
+    # d = 1024 (K-quant friendly): Q4_K everywhere, Q6_K for attn_v/ffn_down of the use_more_bits layers
+    g = ModelGeometry.uniform(1024, 8, 16, 4, 2816, 32000, head_dim=64)
+    bc = byte_counts(g, "q4_k_m")
+    more = [i for i in range(8) if i < 1 or i >= 7 or (i - 1) % 3 == 2]  # n/8 = 1
+    assert more == [0, 3, 6, 7]
+    q, k, v, o = 1024 * 1024, 256 * 1024, 256 * 1024, 1024 * 1024
+    gate = up = down = 2816 * 1024
+    expect = 0.0
+    for i in range(8):
+        expect += (q + k + o + gate + up) * 144 / 256
+        expect += (v + down) * (210 / 256 if i in more else 144 / 256)
+    assert bc.layers == pytest.approx(expect)
+    assert bc.head == 32000 * 1024 * 210 / 256  # output / tied embedding in Q6_K
+    # d = 576: rows not divisible by 256 fall back (Q4_K -> Q5_0, Q6_K -> Q8_0); ffn_down rows are 1536 = 6*256
+    smol = ModelGeometry.smollm2_135m()
+    assert byte_counts(smol, "q4_k_m").storage.get("q5_0", 0) > 0
+    assert byte_counts(smol, "q4_k_m").head == EMB * 34 / 32
+
+
+def test_onnx_bytes_int4_and_untied_embedding(smol):
+    bc = byte_counts(smol, "int4", backend="onnxruntime", kv_dtype="f32")
+    assert bc.layers == pytest.approx(LINEAR * 20.5 / 32)
+    assert bc.head == pytest.approx(EMB * 20.5 / 32)  # lm_head MatMul quantized
+    assert bc.embedding_stored == EMB * 4  # the Gather keeps an f32 copy
+    assert bc.embedding_row == 576 * 4
+    assert bc.kv_per_token == 2 * KV_TOKEN
+    i8 = byte_counts(smol, "int8", backend="onnxruntime", kv_dtype="f32")
+    per_layer_rows = 576 + 192 + 192 + 576 + 1536 + 1536 + 576
+    assert i8.layers == LINEAR + 4 * 30 * per_layer_rows
+
+
+def test_decode_and_prefill_formula_by_hand(smol):
+    c = load_profile("raspberrypi5").latency  # bw 8.7, 0.10 ms/layer, 0.6 ms/token, q8_0 80 GOPS
+    p = predict(smol, "q8_0", c, prompt_tokens=512, context=2048)
+    read = 143_026_020 + 512 * KV_TOKEN  # weights read per token + KV of 512 cached tokens
+    decode_s = read / 8.7e9 + 30 * 0.10e-3 + 0.6e-3
+    assert p.decode_ms_per_token == pytest.approx(decode_s * 1e3)
+    assert p.decode_tok_s == pytest.approx(1 / decode_s)
+    assert p.decode_tok_s == pytest.approx(46.74, abs=0.01)
+    flops = 2 * 512 * LINEAR + 2 * 49152 * 576 + 2 * 512 * 513 * (30 * 9 * 64)  # logits for the last token only
+    assert prefill_flops(smol, 512, "last") == flops
+    prefill = flops / 80e9 + 30 * 0.2e-3 + 5e-3
+    assert p.prefill_bound == "compute"
+    assert p.prefill_s == pytest.approx(prefill)
+    assert p.ttft_s == p.prefill_s
+    assert p.memory.weights == 143_025_408
+    assert p.memory.kv_cache == 2048 * KV_TOKEN == 47_185_920
+
+
+def test_prefill_all_logits_and_bandwidth_bound(smol):
+    assert prefill_flops(smol, 10, "all") - prefill_flops(smol, 10, "last") == 2 * 9 * 49152 * 576
+    # one prompt token on a slow-compute host with huge bandwidth: still max(compute, read)
+    c = LatencyConstants("llama.cpp", 0.001, {"q8_0": 1e6})
+    p = predict(smol, "q8_0", c, prompt_tokens=1, context=16)
+    assert p.prefill_bound == "bandwidth"
+
+
+def test_decode_grows_with_context(smol):
+    c = load_profile("raspberrypi5").latency
+    short = predict(smol, "q8_0", c, prompt_tokens=16, context=2048)
+    long = predict(smol, "q8_0", c, prompt_tokens=1024, context=2048)
+    assert long.decode_ms_per_token - short.decode_ms_per_token == pytest.approx((1024 - 16) * KV_TOKEN / 8.7e9 * 1e3)
+
+
+def test_geometry_from_model_matches_arch_param_counts():
+    from edgeprune.arch import keep_layers, layers, param_counts, resize_layer
+    from edgeprune.testing import tiny_llama
+
+    model, _ = tiny_llama(hidden=64, layers=4, heads=4, kv_heads=2, ffn=192)
+    resize_layer(layers(model)[1], LayerShape(n_heads=2, n_kv_heads=1, ffn=96, ffn_bias=True), 16)
+    keep_layers(model, [0, 1, 3])
+    g = ModelGeometry.from_model(model)
+    assert g.n_layers == 3 and g.tied and g.head_dim == 16 and g.vocab == model.config.vocab_size
+    assert g.layers[1] == LayerShape(n_heads=2, n_kv_heads=1, ffn=96, ffn_bias=True)
+    assert g.param_counts() == param_counts(model)
+    assert ModelGeometry.from_dict(g.to_dict()) == g
+
+
+def test_from_shapes_equals_uniform(smol):
+    g = ModelGeometry.from_shapes([{"n_heads": 9, "n_kv_heads": 3, "ffn": 1536}] * 30, 576, 49152, 64)
+    assert g.layers == smol.layers and g.param_counts() == smol.param_counts()
+
+
+def test_geometry_validation():
+    with pytest.raises(EdgepruneError, match="not a multiple"):
+        ModelGeometry.from_shapes([LayerShape(9, 2, 100)], 576, 100, 64)
+    with pytest.raises(EdgepruneError, match="unknown dtype"):
+        byte_counts(ModelGeometry.smollm2_135m(), "q3_k")
+
+
+def test_missing_compute_rate_is_actionable(smol):
+    c = LatencyConstants("llama.cpp", 8.7, {"q8_0": 80})
+    with pytest.raises(EdgepruneError, match="add 'q4_0 = <GOPS>'"):
+        predict(smol, "q4_0", c)
+
+
+def test_dropped_layers_and_headless_layers(smol):
+    g = smol.with_layers(list(smol.layers[:28]) + [LayerShape(0, 0, 1536)])
+    bc = byte_counts(g, "f32")
+    assert bc.kv_per_token == 28 * 2 * 3 * 64 * 2  # the head-less layer caches nothing
+    assert g.param_counts()["attention"] == 28 * (2 * 331_776 + 2 * 110_592)
+
+
+# ---------------------------------------------------------------------------------------------
+# raspberrypi5 defaults: the dense model must fail, a moderate pruning must pass (pure model math)
+
+
+def test_raspberrypi5_dense_smollm2_fails_and_pruned_passes(smol):
+    """Why this holds: decode is ~77% bytes/bandwidth on the Pi 5; 40% FFN sparsity removes 31.9M of
+    the 106M linear params (34 MB of 143 MB at q8_0), lifting decode from 46.7 to 57.0 tok/s
+    across the profile's 50 tok/s target. The 30 MB tied embedding and the 3.6 ms of fixed
+    overheads do not shrink, which is why pruning a 135M model buys less than its param share."""
+    prof = load_profile("raspberrypi5")
+    pred, check = check_profile(smol, prof)
+    assert pred.dtype == "q8_0"
+    assert not check.ok
+    assert [c.name for c in check.failures] == ["decode_tok_s"]
+    assert pred.decode_tok_s == pytest.approx(46.7, abs=0.1)
+
+    pruned = pruned_geometry(smol, ffn_keep=0.6, align=prof.export.width_multiple)
+    assert all(s.ffn == 928 for s in pruned.layers)  # 0.6 * 1536 = 921.6 -> 928 (multiple of 32)
+    pred_p, check_p = check_profile(pruned, prof)
+    assert check_p.ok, check_p.describe()
+    assert pred_p.decode_tok_s == pytest.approx(57.0, abs=0.2)
+    assert min(c.margin for c in check_p.checks) > 0.1  # >10% slack on every target
+
+
+def test_raspberrypi5_margins_for_other_candidates(smol):
+    prof = load_profile("raspberrypi5")
+    ok = lambda g: check_profile(g, prof)[1].ok  # noqa: E731
+    assert ok(pruned_geometry(smol, 0.75))  # 25% FFN sparsity: 52.7 tok/s
+    assert not ok(pruned_geometry(smol, 1.0, drop_layers=[28, 29]))  # dropping 2 layers alone: 49.4
+    assert ok(pruned_geometry(smol, 0.75, drop_layers=[27, 28]))
+
+
+def test_check_targets_uses_min_of_memory_max_and_budget(smol):
+    prof = load_profile("raspberrypi5")
+    pred = predict_for_profile(smol, prof)
+    tight = replace(prof.targets, memory_max=200_000_000)
+    check = check_targets(pred, tight, prof.memory.budget)
+    mem = [c for c in check.checks if c.name == "memory_bytes"][0]
+    assert mem.limit == 200_000_000 and not mem.ok and mem.margin < 0
+    assert "MISSED" in check.describe()
+
+
+def test_predictions_are_json_ready(smol):
+    import json
+
+    d = predict_for_profile(smol, load_profile("rpi4")).to_dict()
+    json.dumps(d)
+    assert d["memory"]["total"] == d["memory"]["weights"] + d["memory"]["kv_cache"] + d["memory"]["buffers"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's byte counts equal what the GGUF exporter writes
+
+
+def _gguf_available():
+    try:
+        import llama_cpp  # noqa: F401
+
+        from edgeprune.exporters.gguf import export_gguf  # noqa: F401
+    except ImportError as exc:
+        return False, f"GGUF exporter or llama-cpp-python missing: {exc}"
+    return True, ""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0", "q4_0"])
+def test_stored_bytes_equal_gguf_tensor_bytes(dtype, tmp_path):
+    try:
+        from edgeprune.exporters.gguf import export_gguf
+    except ImportError as exc:
+        pytest.skip(f"GGUF exporter not available: {exc}")
+    from gguf import GGUFReader
+
+    from edgeprune.arch import layers, resize_layer
+    from edgeprune.testing import tiny_llama
+
+    model, tok = tiny_llama(hidden=64, layers=3, heads=4, kv_heads=2, ffn=192)
+    resize_layer(layers(model)[1], LayerShape(n_heads=4, n_kv_heads=2, ffn=96), 16)  # non-uniform -> deci
+    path = tmp_path / f"m.{dtype}.gguf"
+    export_gguf(model, tok, path, dtype=dtype, verify=False)
+    tensor_bytes = sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+    assert byte_counts(ModelGeometry.from_model(model), dtype).stored == tensor_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# host calibration
+
+
+def test_fit_recovers_known_constants():
+    """Synthetic measurements generated by the model itself: the least-squares fit must return its constants."""
+    from edgeprune.hostcal import Measurement, calibration_shapes, fit_constants
+
+    truth = LatencyConstants("llama.cpp", 6.5, {"q8_0": 42.0}, layer_overhead_ms=0.07, token_overhead_ms=0.9,
+                             prefill_layer_overhead_ms=0.3, prefill_overhead_ms=4.0)
+    ms = []
+    for s in calibration_shapes(quick=True):
+        g = s.geometry()
+        p = predict(g, "q8_0", truth, prompt_tokens=128, context=160, decode_pos=144)
+        ms.append(Measurement(s.name, "q8_0", g.to_dict(), 128, 32, p.decode_tok_s, p.prefill_s, 0))
+    fit = fit_constants(ms, "llama.cpp", "f16", "last")
+    assert fit.bandwidth_gbps == pytest.approx(6.5, rel=1e-6)
+    assert fit.layer_overhead_ms == pytest.approx(0.07, rel=1e-5)
+    assert fit.token_overhead_ms == pytest.approx(0.9, rel=1e-5)
+    assert fit.compute_gops["q8_0"] == pytest.approx(42.0, rel=1e-6)
+    assert fit.prefill_layer_overhead_ms == pytest.approx(0.3, rel=1e-4)
+    assert fit.prefill_overhead_ms == pytest.approx(4.0, rel=1e-4)
+    assert max(abs(e) for e in fit.decode_rel_err + fit.prefill_rel_err) < 1e-9
+
+
+def test_nnls_clamps_negative_coefficients():
+    from edgeprune.hostcal import nnls
+
+    # y = 2*x0 exactly, x1 would want to be negative with noise: it is clamped to 0
+    rows = [[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]]
+    x = nnls(rows, [1.9, 3.9, 5.9])
+    assert x[1] == 0.0 and x[0] == pytest.approx(1.9 * 1 + 0, rel=0.1)
+    assert all(v >= 0 for v in nnls(rows, [2.0, 4.0, 6.0]))
+
+
+def test_calibrated_profile_round_trips(tmp_path):
+    from edgeprune.hostcal import Fit, _make_profile, host_description
+    from edgeprune.profiles import write_profile
+
+    fit = Fit(5.5, 0.05, 0.8, {"q8_0": 30.0}, 0.2, 3.0)
+    host = host_description()
+    p = _make_profile(fit, "llama.cpp", ("q8_0",), 1, host, "llama-cpp-python 0.3.36", "f16", "last", None, "host",
+                      6, 128, 32, 3)
+    assert p.provenance.calibrated.startswith(f"calibrated on {host['hostname']} ")
+    q = load_profile(write_profile(p, tmp_path / "host.toml"))
+    assert q.latency == p.latency and q.name == "host"
+    based = _make_profile(fit, "llama.cpp", ("q8_0",), 4, host, "v", "f16", "last", "raspberrypi5", "pi5-measured",
+                          6, 128, 32, 3)
+    assert based.targets == load_profile("raspberrypi5").targets
+    assert based.latency.bandwidth_gbps == 5.5
+    assert not any(e.startswith("latency") for e in based.provenance.estimates)
+    load_profile(write_profile(based, tmp_path / "pi.toml"))
+
+
+def test_hostcal_smoke_two_tiny_shapes(tmp_path):
+    """Build, export and benchmark two tiny shapes with llama.cpp; compare with a profile."""
+    ok, why = _gguf_available()
+    if not ok:
+        pytest.skip(why)
+    from edgeprune.hostcal import SynthShape, compare, measure_shape
+
+    shapes = [SynthShape("tiny-a", 128, 2, 2, 1, 256, 384), SynthShape("tiny-b", 128, 3, 2, 1, 384, 2048)]
+    for s in shapes:
+        m = measure_shape(s, "llama.cpp", "q8_0", tmp_path, threads=1, prompt_tokens=16, gen_tokens=4, repeats=1)
+        assert m.decode_tok_s > 0 and m.prefill_s > 0 and m.file_bytes > 0
+        assert m.geometry["vocab"] == s.vocab and m.geometry["n_layers"] == s.layers
+        row = compare(m, load_profile("ci-cpu"))
+        assert math.isfinite(row.decode_error_pct) and math.isfinite(row.prefill_error_pct)
+    assert not list(tmp_path.iterdir()), "exported files are removed"
+
+
+def test_hostcal_onnx_smoke(tmp_path):
+    try:
+        import onnxruntime  # noqa: F401
+
+        from edgeprune.exporters.onnx import bench_onnx, export_onnx  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"ONNX exporter not available yet: {exc}")
+    from edgeprune.hostcal import SynthShape, measure_shape
+
+    s = SynthShape("tiny-onnx", 128, 2, 2, 1, 256, 384)
+    m = measure_shape(s, "onnxruntime", "f32", tmp_path, threads=1, prompt_tokens=16, gen_tokens=4, repeats=1)
+    assert m.decode_tok_s > 0 and m.prefill_s > 0
