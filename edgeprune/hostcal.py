@@ -77,40 +77,45 @@ class SynthShape:
 
 
 def calibration_shapes(quick: bool = False) -> list[SynthShape]:
-    """Shapes that separate bytes, layer count and FLOPs (all above this host's 32 MB L3 at 8 bits)."""
+    """Shapes that separate bytes, layer count and FLOPs; all at least 2x this host's 32 MB L3 at 8 bits."""
     shapes = [
-        SynthShape("cal-d512-L4-big-vocab", 512, 4, 8, 2, 1536, 49152),
-        SynthShape("cal-d256-L24-narrow", 256, 24, 4, 2, 768, 49152),
-        SynthShape("cal-d768-L8", 768, 8, 12, 4, 2048, 32000),
-        SynthShape("cal-d640-L16-small-vocab", 640, 16, 10, 2, 1792, 8192),
-        SynthShape("cal-d384-L12", 384, 12, 6, 2, 1024, 49152),
-        SynthShape("cal-d896-L6", 896, 6, 14, 2, 2432, 16384),
+        SynthShape("cal-d512-L6-big-vocab", 512, 6, 8, 2, 1536, 49152),
+        SynthShape("cal-d384-L32-many-layers", 384, 32, 6, 2, 1024, 32000),
+        SynthShape("cal-d768-L10", 768, 10, 12, 4, 2048, 32000),
+        SynthShape("cal-d640-L20-small-vocab", 640, 20, 10, 2, 1792, 8192),
+        SynthShape("cal-d448-L16", 448, 16, 7, 1, 1280, 49152),
+        SynthShape("cal-d1024-L4", 1024, 4, 16, 4, 2816, 32000),
     ]
     if not quick:
         shapes += [
-            SynthShape("cal-d512-L20", 512, 20, 8, 4, 1408, 32000),
-            SynthShape("cal-d1024-L4", 1024, 4, 16, 4, 2816, 32000),
+            SynthShape("cal-d896-L8", 896, 8, 14, 2, 2432, 16384),
+            SynthShape("cal-d256-L40-thin", 256, 40, 4, 2, 768, 49152),
         ]
     return shapes
 
 
 def heldout_shapes(quick: bool = False) -> list[SynthShape]:
-    """SmolLM2-135M-like geometries (d 576, 9/3 heads of 64, FFN 1536, vocab 49152) at reduced depth."""
+    """SmolLM2-135M-like geometries (d 576, 9/3 heads of 64, FFN 1536, vocab 49152) at reduced depth.
+
+    Dense, uniformly FFN-pruned, non-uniform FFN (GGUF `deci`), layer-dropped, KV-group-pruned and
+    mixed: the kinds of candidates `edgeprune fit` scores. None of them is a calibration shape.
+    """
     d, h, kv, f, v = 576, 9, 3, 1536, 49152
-    nonuni = (1536, 1408, 1280, 1152, 1024, 896, 1024, 1152, 1280, 1408)
+    nonuni = (1536, 1408, 1280, 1152, 1024, 896, 768, 896, 1024, 1152, 1280, 1408, 1536, 1536)
     shapes = [
-        SynthShape("smol-like-dense-L10", d, 10, h, kv, f, v),
-        SynthShape("smol-like-ffn40-L10", d, 10, h, kv, 928, v),
-        SynthShape("smol-like-ffn-nonuniform-L10", d, 10, h, kv, f, v, ffn_list=nonuni),
-        SynthShape("smol-like-dropped-L8", d, 8, h, kv, f, v),
-        SynthShape("smol-like-kv-pruned-L10", d, 10, h, kv, f, v, kv_list=(3, 3, 2, 2, 1, 1, 2, 2, 3, 3)),
-        SynthShape("smol-like-mixed-L9", d, 9, h, kv, f, v, ffn_list=(1536, 1280, 1024, 768, 768, 1024, 1280, 1536, 1024),
-                   kv_list=(3, 2, 2, 3, 1, 3, 2, 2, 3)),
-        SynthShape("smol-like-dense-L16", d, 16, h, kv, f, v),
+        SynthShape("smol-like-dense-L14", d, 14, h, kv, f, v),
+        SynthShape("smol-like-ffn40-L14", d, 14, h, kv, 928, v),
+        SynthShape("smol-like-ffn-nonuniform-L14", d, 14, h, kv, f, v, ffn_list=nonuni),
+        SynthShape("smol-like-dropped-L12", d, 12, h, kv, f, v),
+        SynthShape("smol-like-kv-pruned-L14", d, 14, h, kv, f, v, kv_list=(3, 3, 2, 2, 1, 1, 2, 2, 1, 1, 2, 3, 3, 3)),
+        SynthShape("smol-like-mixed-L13", d, 13, h, kv, f, v,
+                   ffn_list=(1536, 1280, 1024, 768, 768, 1024, 1280, 1536, 1024, 768, 1024, 1280, 1536),
+                   kv_list=(3, 2, 2, 3, 1, 3, 2, 2, 3, 1, 2, 3, 3)),
+        SynthShape("smol-like-dense-L20", d, 20, h, kv, f, v),
     ]
     if not quick:
         shapes += [
-            SynthShape("smol-like-ffn25-L20", d, 20, h, kv, 1152, v),
+            SynthShape("smol-like-ffn25-L24", d, 24, h, kv, 1152, v),
             SynthShape("smollm2-135m-geometry", d, 30, h, kv, f, v),
         ]
     return shapes
@@ -232,22 +237,28 @@ def backend_available(backend: str) -> tuple[bool, str]:
 
 
 def measure_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, threads: int | None,
-                  prompt_tokens: int, gen_tokens: int, repeats: int, progress: Progress = None) -> Measurement:
-    """Build, export and benchmark one synthetic shape; the exported file is deleted afterwards."""
+                  prompt_tokens: int, gen_tokens: int, repeats: int, progress: Progress = None,
+                  timing: str = "wall") -> Measurement:
+    """Build, export and benchmark one synthetic shape; the exported file is deleted afterwards.
+
+    timing: "wall" (elapsed time, what a user sees on an idle machine) or "cpu" (CPU time of the
+    benchmarking thread; with threads=1 the runtime computes on that thread, so this is the
+    uncontended time even when other jobs share the cores).
+    """
     say = progress or (lambda m: None)
     t0 = time.perf_counter()
     model, tok = build_model(shape)
     geometry = ModelGeometry.from_model(model, name=shape.name)
     if backend == "llama.cpp":
-        from edgeprune.exporters.gguf import bench_gguf, export_gguf
+        from edgeprune.exporters.gguf import export_gguf
 
         path = workdir / f"{shape.name}.{dtype}.gguf"
         say(f"{shape.name}: exporting {dtype} GGUF")
         export_gguf(model, tok, path, dtype=dtype, verify=False)
         del model
         gc.collect()
-        say(f"{shape.name}: benchmarking (prompt {prompt_tokens}, {gen_tokens} tokens, x{repeats})")
-        res = bench_gguf(path, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
+        say(f"{shape.name}: benchmarking (prompt {prompt_tokens}, {gen_tokens} tokens, x{repeats}, {timing} time)")
+        res = time_llamacpp(path, threads, prompt_tokens, gen_tokens, repeats, timing)
     else:
         from edgeprune.exporters.onnx import bench_onnx, export_onnx
 
@@ -268,6 +279,70 @@ def measure_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, th
     _remove(path)
     return Measurement(shape.name, dtype, geometry.to_dict(), prompt_tokens, gen_tokens, decode, prefill_s, size,
                        spread, time.perf_counter() - t0)
+
+
+def _check_timing(timing: str, threads: int | None) -> None:
+    if timing not in ("wall", "cpu"):
+        raise EdgepruneError(f"timing must be 'wall' or 'cpu', got '{timing}'")
+    if timing == "cpu" and threads != 1:
+        raise EdgepruneError("cpu timing measures the calling thread only: use it with threads=1")
+
+
+def _clock(timing: str):
+    return time.thread_time if timing == "cpu" else time.perf_counter
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    med = statistics.median(xs)
+    return {"median": med, "min": xs[0], "max": xs[-1], "spread": (xs[-1] - xs[0]) / med if med else 0.0,
+            "n": len(xs)}
+
+
+def time_llamacpp(path: Path, threads: int | None, prompt_tokens: int, gen_tokens: int, repeats: int,
+                  timing: str = "wall") -> dict:
+    """Prefill and per-token decode times of a GGUF in llama.cpp (CPU), from an empty cache each repeat.
+
+    Same protocol as `exporters.gguf.bench_gguf` (one batch of `prompt_tokens`, then greedy tokens
+    one at a time, logits read back after every step) but every decode step is timed on its own,
+    so the decode figure is the median step (robust to a busy machine); prefill is the median of
+    the repeats. Returns decode_tok_s, ttft_s (= prefill time), file_bytes and the raw stats.
+    """
+    import numpy as np
+
+    from edgeprune.exporters.gguf import open_llama
+
+    _check_timing(timing, threads)
+    clock = _clock(timing)
+    llm = open_llama(path, n_ctx=prompt_tokens + gen_tokens, n_threads=threads, logits_all=False, n_batch=prompt_tokens)
+    import llama_cpp
+
+    def next_token() -> int:  # greedy, from the last position's logits (what a sampler reads)
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
+
+    try:
+        n_vocab = llm.n_vocab()
+        prompt = [int(t) for t in (np.arange(prompt_tokens) * 7919 % min(n_vocab, 300)) + 3]
+        llm.reset()
+        llm.eval(prompt[:8])  # warm-up: page the weights in, build the graphs
+        prefill, steps = [], []
+        for _ in range(repeats):
+            llm.reset()
+            t0 = clock()
+            llm.eval(prompt)
+            tok = next_token()
+            prefill.append(clock() - t0)
+            for _ in range(gen_tokens):
+                t0 = clock()
+                llm.eval([tok])
+                tok = next_token()
+                steps.append(clock() - t0)
+    finally:
+        llm.close()
+    step = _stats(steps)
+    return {"decode_tok_s": 1.0 / step["median"], "ttft_s": _stats(prefill), "decode_step_s": step,
+            "file_bytes": Path(path).stat().st_size, "timing": timing}
 
 
 def _onnx_export_kwargs(dtype: str) -> dict:
@@ -465,7 +540,8 @@ def _dtypes_arg(backend: str, dtype) -> tuple[str, ...]:
 def run_calibration(backend: str = "llama.cpp", dtype=None, threads: int | None = None, quick: bool = False,
                     progress: Progress = None, shapes: Sequence[SynthShape] | None = None,
                     prompt_tokens: int = 128, gen_tokens: int | None = None, repeats: int | None = None,
-                    workdir: Path | None = None, base_profile=None, name: str = "host") -> CalibrationResult:
+                    workdir: Path | None = None, base_profile=None, name: str = "host",
+                    timing: str = "wall") -> CalibrationResult:
     """Benchmark synthetic shapes with `backend` and fit a profile; see `calibrate_host`."""
     if backend not in BACKENDS:
         raise EdgepruneError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
@@ -475,6 +551,7 @@ def run_calibration(backend: str = "llama.cpp", dtype=None, threads: int | None 
     dtypes = _dtypes_arg(backend, dtype)
     host = host_description()
     threads = threads or host["physical_cores"]
+    _check_timing(timing, threads)
     gen_tokens = gen_tokens or (32 if quick else 64)
     repeats = repeats or (3 if quick else 5)
     shapes = list(shapes) if shapes is not None else calibration_shapes(quick)
@@ -487,7 +564,7 @@ def run_calibration(backend: str = "llama.cpp", dtype=None, threads: int | None 
         for i, (shape, dt) in enumerate(itertools.product(shapes, dtypes)):
             say(f"[{i + 1}/{len(shapes) * len(dtypes)}] {shape.name} {dt}")
             measurements.append(measure_shape(shape, backend, dt, Path(tmp), threads, prompt_tokens, gen_tokens,
-                                              repeats, progress))
+                                              repeats, progress, timing))
     fit = fit_constants(measurements, backend, kv_dtype, prefill_logits)
     version = runtime_version(backend)
     profile = _make_profile(fit, backend, dtypes, threads, host, version, kv_dtype, prefill_logits, base_profile,
@@ -650,7 +727,7 @@ def compare(measurement: Measurement, profile) -> ValidationRow:
 def validate_model(profile, backend: str | None = None, dtype=None, threads: int | None = None, quick: bool = False,
                    progress: Progress = None, shapes: Sequence[SynthShape] | None = None, prompt_tokens: int = 128,
                    gen_tokens: int | None = None, repeats: int | None = None, workdir: Path | None = None,
-                   measurements_out: list | None = None) -> ValidationReport:
+                   measurements_out: list | None = None, timing: str = "wall") -> ValidationReport:
     """Benchmark held-out shapes (default: SmolLM2-like dense / pruned / layer-dropped) and compare with `profile`.
 
     profile: a Profile, name or path (normally the one `calibrate_host` just wrote). Shapes are
@@ -668,6 +745,7 @@ def validate_model(profile, backend: str | None = None, dtype=None, threads: int
         raise EdgepruneError(why)
     dtypes = _dtypes_arg(backend, dtype or profile.export.default_dtype)
     threads = threads or profile.hardware.threads
+    _check_timing(timing, threads)
     gen_tokens = gen_tokens or (32 if quick else 64)
     repeats = repeats or (3 if quick else 5)
     shapes = list(shapes) if shapes is not None else heldout_shapes(quick)
@@ -676,7 +754,7 @@ def validate_model(profile, backend: str | None = None, dtype=None, threads: int
     with tempfile.TemporaryDirectory(prefix="edgeprune-val-", dir=workdir) as tmp:
         for i, (shape, dt) in enumerate(itertools.product(shapes, dtypes)):
             say(f"[{i + 1}/{len(shapes) * len(dtypes)}] held-out {shape.name} {dt}")
-            m = measure_shape(shape, backend, dt, Path(tmp), threads, prompt_tokens, gen_tokens, repeats, progress)
+            m = measure_shape(shape, backend, dt, Path(tmp), threads, prompt_tokens, gen_tokens, repeats, progress, timing)
             if measurements_out is not None:
                 measurements_out.append(m)
             rows.append(compare(m, profile))

@@ -199,6 +199,15 @@ def test_flap_biases_exported_and_verified(llama_cpp, tok, windows, tmp_path, un
     assert "blk.1.ffn_down.bias" in tensors and ("blk.1.attn_output.bias" if uniform else "blk.2.attn_output.bias") in tensors
 
 
+def test_dropped_bias_would_be_caught(llama_cpp, tok, windows, tmp_path, monkeypatch):
+    # the check above is meaningful: a file without the compensation biases fails verification
+    model = pruned_tiny(tok, down_bias=True, o_bias=True)
+    real = G.gguf_tensors
+    monkeypatch.setattr(G, "gguf_tensors", lambda m, s: ((n, a) for n, a in real(m, s) if not n.endswith(".bias")))
+    with pytest.raises(VerificationError, match="mean KL"):
+        export(model, tok, tmp_path / "m.gguf", windows)
+
+
 @pytest.mark.parametrize("dtype", ["f16", "q8_0", "q4_0"])
 def test_lossy_types_report(llama_cpp, tok, windows, tmp_path, dtype):
     model = pruned_tiny(tok)
@@ -211,6 +220,8 @@ def test_lossy_types_report(llama_cpp, tok, windows, tmp_path, dtype):
 def test_kquant_success(llama_cpp, tmp_path):
     tok = tiny_tokenizer()
     model, _ = tiny_llama(tok, hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, init_std=0.04)
+    with torch.no_grad():  # logits scale with sqrt(hidden): keep them as peaked as the 64-wide model's
+        model.model.embed_tokens.weight.mul_(0.5)
     windows = verification_windows(tok, seqlen=64, n=2)
     report = export(model, tok, tmp_path / "m.gguf", windows, dtype="q4_k_m")
     assert report["verification"]["top1_agreement"] >= G.MIN_TOP1_LOSSY["q4_k_m"]
