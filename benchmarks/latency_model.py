@@ -3,14 +3,14 @@
 For each backend (llama.cpp via GGUF, onnxruntime via ONNX):
   1. `edgeprune.hostcal.run_calibration`: benchmark synthetic random-weight Llama models of several
      shapes and fit bandwidth, per-layer/per-token overheads, compute and prefill overheads;
-  2. `edgeprune.hostcal.validate_model`: benchmark held-out SmolLM2-like geometries (dense,
-     FFN-pruned, non-uniform FFN, layer-dropped, KV-group-pruned, mixed) that the fit never saw,
-     and compare predicted with measured decode tok/s and prefill time.
+  2. held-out SmolLM2-like geometries (dense, FFN-pruned, non-uniform FFN, layer-dropped,
+     KV-group-pruned, mixed) are measured in the same round-robin session but never fitted; their
+     predicted decode tok/s and prefill time are compared with the measurements.
 
 Prints the fitted constants and a predicted / measured / error table per backend and writes a JSON
 record (`--out`). Figures, not assertions: exit 0 whenever the runs complete.
 
-    python benchmarks/latency_model.py --quick --threads 1 --out latency_model.json
+    python benchmarks/latency_model.py --quick --threads 1 --timing cpu --out latency_model.json
 
 On a shared machine use --threads 1: with other jobs on the cores, llama.cpp's spinning thread
 barriers make multi-threaded timings several times slower and very noisy.
@@ -22,11 +22,10 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.hostcal import backend_available, host_description, run_calibration, validate_model
+from edgeprune.hostcal import backend_available, heldout_shapes, host_description, run_calibration
 from edgeprune.profiles import profile_to_dict, write_profile
 
 
@@ -34,36 +33,28 @@ def run_backend(backend: str, args, say) -> dict:
     ok, why = backend_available(backend)
     if not ok:
         say(f"skipping {backend}: {why}")
+        print(f"\n== {backend}: skipped ({why})")
         return {"backend": backend, "skipped": why}
     t0 = time.perf_counter()
     cal = run_calibration(backend, args.dtype.get(backend), threads=args.threads, quick=args.quick, progress=say,
                           prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats,
-                          name=f"host-{backend.replace('.', '')}")
+                          name=f"host-{backend.replace('.', '')}", timing=args.timing, rounds=args.rounds,
+                          heldout=heldout_shapes(args.quick))
     if args.profile_dir:
         path = write_profile(cal.profile, Path(args.profile_dir) / f"host-{backend.replace('.', '')}.toml")
         say(f"wrote {path}")
     f = cal.fit
-    print(f"\n== {backend} ({', '.join(cal.dtypes)}, {cal.threads} threads): fitted on {len(cal.measurements)} shapes "
-          f"in {cal.seconds:.0f} s")
+    print(f"\n== {backend} ({', '.join(cal.dtypes)}, {cal.threads} thread(s), {args.timing} time): fitted on "
+          f"{len(cal.measurements)} calibration shapes, {len(cal.heldout)} held-out shapes measured in the same "
+          f"session ({cal.seconds:.0f} s)")
     print(f"   bandwidth {f.bandwidth_gbps:.2f} GB/s | decode overhead {f.layer_overhead_ms:.4f} ms/layer + "
           f"{f.token_overhead_ms:.3f} ms/token | compute " + ", ".join(f"{k} {v:.1f} GOPS" for k, v in f.compute_gops.items())
-          + f" | prefill overhead {f.prefill_layer_overhead_ms:.3f} ms/layer + {f.prefill_overhead_ms:.2f} ms")
-    print("   in-sample errors: decode " + " ".join(f"{100 * e:+.1f}%" for e in f.decode_rel_err)
+          + f" | prefill overhead {1000 * f.prefill_layer_token_overhead_ms:.2f} us/layer/token + {f.prefill_overhead_ms:.2f} ms")
+    print("   calibration fit (in-sample) errors: decode " + " ".join(f"{100 * e:+.1f}%" for e in f.decode_rel_err)
           + " | prefill " + " ".join(f"{100 * e:+.1f}%" for e in f.prefill_rel_err))
-    measured: list = []
-    report = validate_model(cal.profile, backend=backend, dtype=args.dtype.get(backend), threads=args.threads,
-                            quick=args.quick, progress=say, prompt_tokens=args.prompt_tokens,
-                            gen_tokens=args.gen_tokens, repeats=args.repeats, measurements_out=measured)
-    print(f"\n   held-out shapes ({backend}):")
-    print("   " + report.table().replace("\n", "\n   "))
-    return {
-        "backend": backend,
-        "seconds": time.perf_counter() - t0,
-        "calibration": cal.to_dict(),
-        "validation": report.to_dict(),
-        "validation_measurements": [asdict(m) for m in measured],
-        "profile": profile_to_dict(cal.profile),
-    }
+    print(f"\n   held-out shapes, predicted vs measured ({backend}):")
+    print("   " + cal.validation.table().replace("\n", "\n   "))
+    return {"backend": backend, "seconds": time.perf_counter() - t0, **cal.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--onnx-dtype", default=None, help="default: hostcal's ONNX default")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="runs per shape per round (default 3, 5 without --quick)")
+    ap.add_argument("--rounds", type=int, default=2, help="round-robin passes over all shapes")
+    ap.add_argument("--timing", choices=["wall", "cpu"], default="wall",
+                    help="cpu = CPU time of the benchmarking thread (needs --threads 1): the uncontended time on a shared machine")
     ap.add_argument("--profile-dir", default=None, help="also write the fitted host profiles here")
     ap.add_argument("--out", default=None, help="JSON record")
     ap.add_argument("-q", "--quiet", action="store_true")

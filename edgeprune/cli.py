@@ -83,17 +83,27 @@ def eval_cmd(
 class Method(str, Enum):
     cfsp = "cfsp"
     uniform = "uniform"
+    flap = "flap"
+    fasp = "fasp"
+    comp = "comp"
 
 
 @app.command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", help="directory for the pruned checkpoint, plan.json, report.json, widths.png"),
-    sparsity: float = typer.Option(0.3, "--sparsity", help="fraction of FFN parameters to remove (of linear-layer parameters with --target linear)"),
-    method: Method = typer.Option(Method.cfsp, "--method", help="cfsp: importance-driven per-layer widths; uniform: the same width everywhere"),
-    score: str = typer.Option("cfsp", "--score", help="channel score: cfsp, activation, wanda-sp, magnitude, random, flap"),
-    drop_layers: int = typer.Option(0, "--drop-layers", help="remove the K least important blocks first (COMP / ShortGPT Block Influence)"),
-    target: str = typer.Option("ffn", "--target", help="what --sparsity is a fraction of: ffn or linear"),
+    sparsity: float = typer.Option(0.3, "--sparsity", help="fraction of FFN parameters to remove (of linear-layer parameters with --target linear, the default of flap)"),
+    method: Method = typer.Option(Method.cfsp, "--method", help="cfsp: importance-driven per-layer widths; uniform: the same width everywhere; "
+                                  "flap: fluctuation metric, one global ranking of FFN channels and KV groups; fasp: Wanda-style metric + "
+                                  "least-squares restoration; comp: drop layers + condition metric + mask tuning"),
+    score: Optional[str] = typer.Option(None, "--score", help="channel score: cfsp, activation, wanda-sp, magnitude, random, flap, condition (default: the method's own)"),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="fasp/comp per-layer widths: uniform (default) or cfsp"),
+    heads: Optional[bool] = typer.Option(None, "--heads/--no-heads", help="also prune KV groups (a KV head with its query heads); flap does by default"),
+    recover: Optional[str] = typer.Option(None, "--recover", help="none, bias (FLAP), lstsq (FASP), mask (COMP), lora (CFSP IG-LoRA), or X+lora; default: the method's own"),
+    lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="LoRA training steps (default 200)"),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="mean LoRA rank; per block proportional to its importance (default 8)"),
+    drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="remove the K least important blocks first (COMP / ShortGPT Block Influence; default 0, comp: layers/15)"),
+    target: Optional[str] = typer.Option(None, "--target", help="what --sparsity is a fraction of: ffn (default) or linear (default of flap)"),
     align: int = typer.Option(32, "--align", help="widths are multiples of this (32: Q4_0/Q8_0, 256: K-quants)"),
     temperature: float = typer.Option(20.0, "--temperature", help="CFSP allocation sharpness tau"),
     min_keep: float = typer.Option(0.05, "--min-keep", help="no block keeps less than this fraction of its channels"),
@@ -101,91 +111,250 @@ def prune(
     nsamples: int = typer.Option(32, "--nsamples", help="calibration sequences"),
     seqlen: int = typer.Option(128, "--seqlen", help="calibration sequence length"),
     seed: int = typer.Option(0, "--seed"),
-    plan_file: Optional[Path] = typer.Option(None, "--plan", help="re-apply this plan.json exactly instead of computing one"),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="re-apply this plan.json exactly instead of computing one (its recovery re-runs)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     json_out: bool = JsonOpt,
 ):
-    """Calibrate once, allocate per-layer FFN widths, prune, and write a reloadable checkpoint."""
+    """Calibrate once, choose what to keep (per-layer FFN widths, KV groups, layers), prune, recover, and write a reloadable checkpoint."""
+    from edgeprune.methods import needs_gram, resolve_options
     from edgeprune.pipeline import calibration_pass, prune_and_save
     from edgeprune.plan import PrunePlan
     from edgeprune.prune import validate_sparsity
     from edgeprune.report import run_header
 
     plan = PrunePlan.load(plan_file) if plan_file else None
+    recover_args = {"lora_steps": lora_steps, "lora_rank": lora_rank}
     if plan is None:
         validate_sparsity(sparsity)
-    args = dict(model=model, out=out, sparsity=sparsity, method=method.value, score=score, drop_layers=drop_layers,
-                target=target, align=align, temperature=temperature, min_keep=min_keep, calib=calib,
-                nsamples=nsamples, seqlen=seqlen, seed=seed, plan=plan_file)
+        opts = resolve_options(method.value, score, target, allocation, heads, recover, recover_args)
+    args = dict(model=model, out=out, sparsity=sparsity, method=method.value, score=score, allocation=allocation, heads=heads,
+                recover=recover, lora_steps=lora_steps, lora_rank=lora_rank, drop_layers=drop_layers, target=target, align=align,
+                temperature=temperature, min_keep=min_keep, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, plan=plan_file)
     report = run_header("prune", args)
     t0 = time.perf_counter()
     lm = _load(model, device, dtype)
     report["timings"] = {"load_s": time.perf_counter() - t0}
-    stats = None
+    stats = ids = None
     with ui.progress(quiet=json_out) as bar:
         if plan is None:
-            _, stats, timings = calibration_pass(lm, calib, nsamples, seqlen, seed, progress=bar)
+            ids, stats, timings = calibration_pass(lm, calib, nsamples, seqlen, seed, progress=bar,
+                                                   gram=needs_gram(method.value, opts["score"], opts["recover"]))
             report["timings"].update(timings)
             report["block_importance"] = {"angular": stats.angular, "block_influence": stats.block_influence}
         pruned, plan, report = prune_and_save(
-            lm, stats, out, plan=plan, report=report, sparsity=sparsity, target=target, allocation=method.value,
-            score=score, drop_layers=drop_layers, align=align, temperature=temperature, min_keep=min_keep, seed=seed)
+            lm, stats, out, plan=plan, report=report, ids=ids, progress=bar, sparsity=sparsity, method=method.value, target=target,
+            allocation=allocation, score=score, heads=heads, drop_layers=drop_layers, align=align, temperature=temperature,
+            min_keep=min_keep, seed=seed, recover=recover, recover_args=recover_args)
     if json_out:
         ui.print_json(report)
         return
-    ach = plan.achieved
+    ach, m = plan.achieved, plan.method
     ui.out.print(f"wrote {out}/ (checkpoint, plan.json, report.json, widths.png)")
     ui.out.print(f"FFN sparsity {ach['ffn_sparsity']:.1%}, linear {ach['linear_sparsity']:.1%}, whole model {ach['model_sparsity']:.1%} "
                  f"({ach['params_pruned'] / 1e6:.1f}M of {ach['params_dense'] / 1e6:.1f}M parameters; embedding {ach['params_embedding'] / 1e6:.1f}M is never pruned)")
     ui.out.print(f"widths: {' '.join(str(w) for w in ach['ffn_widths'])}" + (f"; dropped layers {plan.dropped_layers}" if plan.dropped_layers else ""))
+    if m.get("heads"):
+        ui.out.print(f"KV groups kept: {' '.join(str(len(lp.kv_keep)) for lp in plan.layers)}")
+    if m.get("method"):
+        line = f"method {m['method']} (score {m.get('score')}, allocation {m.get('allocation')}), recovery {m.get('recover', 'none')}"
+        lora = (report.get("recovery") or {}).get("lora")
+        if lora:
+            line += (f"; LoRA {lora['steps']} steps in {lora['seconds']:.0f}s, calibration loss "
+                     f"{lora['calibration_loss_before']:.3f} -> {lora['calibration_loss_after']:.3f}")
+        ui.out.print(line)
 
 
-# ------------------------------------------------------------------------------ not landed yet
-def _not_landed(verb: str) -> None:
-    raise EdgepruneError(f"'edgeprune {verb}' has not landed in this version yet", exit_code=2)
+# -------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="a pruned checkpoint directory (or any model edgeprune loads)"),
+    fmt: str = typer.Option(..., "--format", help="gguf (llama.cpp) or onnx (onnxruntime)"),
+    dtype: str = typer.Option("f32", "--dtype", help="gguf: f32 f16 q8_0 q4_0 q4_k_m q5_k_m q6_k; onnx: fp32 int8 int4"),
+    out: Path = typer.Option(..., "--out", help="output .gguf file or ONNX directory (written only after verification)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="compare with the torch model before writing (default on)"),
+    json_out: bool = JsonOpt,
+):
+    """Export to GGUF (llama.cpp) or ONNX (onnxruntime), verified against the torch model."""
+    from edgeprune.fit import export_artifact, format_dtype
+
+    if fmt not in ("gguf", "onnx"):
+        raise EdgepruneError(f"--format must be gguf or onnx, got {fmt}")
+    lm = _load(model, "cpu", "float32")
+    t = time.perf_counter()
+    result = export_artifact(lm.model, lm.tokenizer, fmt, format_dtype(fmt, dtype), out, verify=verify)
+    result.setdefault("seconds_total", time.perf_counter() - t)
+    if json_out:
+        ui.print_json(result)
+        return
+    v = result.get("verification") or {}
+    ui.out.print(f"wrote {out} ({fmt} {dtype}, {result.get('bytes', 0) / 1e6:.1f} MB) in {result['seconds_total']:.1f}s")
+    if v:
+        ui.out.print("verified against torch: " + ", ".join(f"{k} {v[k]:.4g}" for k in ("top1_agreement", "mean_kl", "max_abs_logit_diff") if isinstance(v.get(k), (int, float))))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def fit():
+# --------------------------------------------------------------------------------------- bench
+def _bench_line(result: dict) -> str:
+    from edgeprune.bench import median
+
+    return (f"decode {median(result, 'decode_tok_s'):.1f} tok/s (spread {result['decode_tok_s'].get('spread', 0):.0%}), "
+            f"prefill {median(result, 'prefill_tok_s'):.1f} tok/s, TTFT {median(result, 'ttft_s') * 1000:.0f} ms, "
+            f"peak RSS {result.get('peak_rss_mb', float('nan')):.0f} MiB")
+
+
+@app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="a .gguf file or an ONNX export directory"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="default: physical cores"),
+    prompt_tokens: int = typer.Option(128, "--prompt-tokens"),
+    gen_tokens: int = typer.Option(64, "--gen-tokens"),
+    repeats: int = typer.Option(3, "--repeats", help="median and spread over this many runs"),
+    json_out: bool = JsonOpt,
+):
+    """Prefill/decode tokens/s, time to first token and peak RSS, in llama.cpp (GGUF) or onnxruntime (ONNX)."""
+    from edgeprune.bench import bench_artifact
+
+    result = bench_artifact(artifact, threads, prompt_tokens, gen_tokens, repeats)
+    if json_out:
+        ui.print_json(result)
+        return
+    ui.out.print(f"{artifact} [{result['format']}, {result.get('threads')} threads, {prompt_tokens}-token prompt, {gen_tokens} new tokens, median of {repeats}]")
+    ui.out.print(_bench_line(result))
+
+
+# --------------------------------------------------------------------------------------- check
+@app.command()
+def check(
+    artifact: Path = typer.Argument(..., help="a .gguf file or an ONNX export directory"),
+    profile: str = typer.Option("ci-cpu", "--profile", help="profile whose decode target is the default gate"),
+    max_ms_per_token: Optional[float] = typer.Option(None, "--max-ms-per-token", help="fail if decode is slower than this"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="a dense artifact benchmarked in the same job"),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="fail if decode speed-up vs --baseline is below this"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    repeats: int = typer.Option(3, "--repeats"),
+    json_out: bool = JsonOpt,
+):
+    """CI latency gate: exit 0 when it holds, 1 when it does not, 2 on bad input."""
+    from edgeprune.bench import bench_artifact, median
+    from edgeprune.profiles import load_profile
+
+    prof = load_profile(profile)
+    if min_speedup is not None and baseline is None:
+        raise EdgepruneError("--min-speedup needs --baseline DENSE_ARTIFACT (ratios are measured in the same job)")
+    for name, value in (("--max-ms-per-token", max_ms_per_token), ("--min-speedup", min_speedup)):
+        if value is not None and value <= 0:
+            raise EdgepruneError(f"{name} must be positive, got {value}")
+    if max_ms_per_token is None and min_speedup is None and prof.targets.decode_tok_s_min:
+        max_ms_per_token = 1000.0 / prof.targets.decode_tok_s_min
+    result = bench_artifact(artifact, threads, repeats=repeats)
+    ms = 1000.0 / median(result, "decode_tok_s")
+    gates = []
+    if max_ms_per_token is not None:
+        gates.append({"gate": "max_ms_per_token", "value": ms, "limit": max_ms_per_token, "ok": ms <= max_ms_per_token})
+    record = {"artifact": str(artifact), "profile": prof.name, "bench": result, "gates": gates}
+    if baseline is not None:
+        base = bench_artifact(baseline, threads, repeats=repeats)
+        speedup = median(result, "decode_tok_s") / median(base, "decode_tok_s")
+        record["baseline"] = base
+        record["decode_speedup"] = speedup
+        if min_speedup is not None:
+            gates.append({"gate": "min_speedup", "value": speedup, "limit": min_speedup, "ok": speedup >= min_speedup})
+    record["ok"] = all(g["ok"] for g in gates)
+    if json_out:
+        ui.print_json(record)
+    else:
+        ui.out.print(_bench_line(result))
+        for g in gates:
+            ui.out.print(f"{'PASS' if g['ok'] else 'FAIL'} {g['gate']}: {g['value']:.3f} (limit {g['limit']:.3f})")
+        if not gates:
+            ui.out.print("no gate given (--max-ms-per-token, --baseline with --min-speedup, or a profile decode target): measured only")
+    if not record["ok"]:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------------------- fit
+@app.command()
+def fit(
+    profile: str = typer.Option(..., "--profile", help="a shipped profile name (edgeprune profiles list) or a .toml path"),
+    model: str = typer.Option("smollm2-135m", "--model", help=MODEL_HELP),
+    out: Path = typer.Option(Path("out/fit"), "--out", help="output directory"),
+    min_tokens_per_s: Optional[float] = typer.Option(None, "--min-tokens-per-s", help="override the profile's decode target"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="override the memory target, e.g. 300MB"),
+    max_ttft_s: Optional[float] = typer.Option(None, "--max-ttft-s", help="override the time-to-first-token target"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="export dtype (default: search the profile's allowed dtypes)"),
+    formats: str = typer.Option("gguf,onnx", "--formats", help="artifacts to export, verify and benchmark"),
+    nsamples: int = typer.Option(32, "--nsamples"),
+    seqlen: int = typer.Option(128, "--seqlen"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark"),
+    host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
+    json_out: bool = JsonOpt,
+):
     """Search sparsity, dropped layers and dtype for the best model that meets a device profile's targets."""
-    _not_landed("fit")
+    from edgeprune.fit import run_fit
+
+    with ui.progress(quiet=json_out) as bar:
+        report, code = run_fit(model, profile, out, min_tokens_per_s, max_memory, max_ttft_s, dtype,
+                               tuple(f.strip() for f in formats.split(",") if f.strip()), nsamples, seqlen, seed=seed,
+                               threads=threads, host_profile=host_profile, progress=bar, log=ui.info)
+    if json_out:
+        ui.print_json(report)
+        return
+    res = report["result"]
+    checks = "; ".join(f"{c['name']} {c['value']:.3g} ({'ok' if c['ok'] else 'missed'})" for c in res["chosen"]["targets"]["checks"])
+    ui.out.print(f"chosen: {res['chosen']['label']} (quality KL {res['chosen']['quality_kl']:.4f}); predicted on {report['profile']['name']}: {checks}")
+    for f, art in res["artifacts"].items():
+        line = f"{f}: {art['path']} -> " + _bench_line(art["bench"])
+        if "measured_decode_speedup" in art:
+            line += f"; x{art['measured_decode_speedup']:.2f} decode vs dense"
+        ui.out.print(line)
+    ui.out.print(f"report: {out}/report.md, {out}/report.json, {out}/frontier.png, {out}/model/widths.png ({report['timings']['total_s']:.0f}s)")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export():
-    """Export a pruned checkpoint to GGUF (llama.cpp) or ONNX (onnxruntime), verified against torch."""
-    _not_landed("export")
+# ---------------------------------------------------------------------------- calibrate / profiles
+@app.command()
+def calibrate(
+    backend: str = typer.Option("llama.cpp", "--backend", help="llama.cpp or onnxruntime"),
+    out: Path = typer.Option(Path("host.toml"), "--out", help="profile file to write"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="weight dtype to calibrate (default: q8_0 / int8)"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    quick: bool = typer.Option(False, "--quick", help="fewer and smaller synthetic shapes"),
+):
+    """Fit this host's latency constants from synthetic random-weight models and write a profile."""
+    from edgeprune.hostcal import calibrate_host
 
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench():
-    """Measure prefill/decode tokens/s, time to first token and peak RSS of an exported artifact."""
-    _not_landed("bench")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def check():
-    """CI latency gate: exit 0 when an artifact meets the gate, 1 when not, 2 on bad input."""
-    _not_landed("check")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def calibrate():
-    """Fit this host's latency constants from synthetic models and write a profile."""
-    _not_landed("calibrate")
+    with ui.progress() as bar:
+        profile = calibrate_host(backend=backend, dtype=dtype, threads=threads, out=out, quick=quick,
+                                 progress=lambda label, i, n: bar(label, i, n))
+    ui.out.print(f"wrote {out}: bandwidth {profile.latency.bandwidth_gbps:.2f} GB/s, layer overhead "
+                 f"{profile.latency.layer_overhead_ms:.3f} ms, token overhead {profile.latency.token_overhead_ms:.3f} ms")
 
 
 @profiles_app.command("list")
-def profiles_list():
+def profiles_list(json_out: bool = JsonOpt):
     """List the shipped device profiles."""
-    _not_landed("profiles list")
+    from edgeprune.profiles import list_profiles, load_profile
+
+    names = list_profiles()
+    if json_out:
+        ui.print_json(names)
+        return
+    for name in names:
+        p = load_profile(name)
+        t = p.targets
+        ui.out.print(f"{name:20s} {p.hardware.description[:60]:60s} decode>={t.decode_tok_s_min} tok/s  {p.export.format} {','.join(p.export.dtypes)}")
 
 
 @profiles_app.command("show")
-def profiles_show(name: str):
+def profiles_show(name: str = typer.Argument(..., help="profile name or path to a .toml"), json_out: bool = JsonOpt):
     """Show one profile (name or path to a .toml)."""
-    _not_landed("profiles show")
+    from edgeprune.profiles import describe_profile, load_profile, profile_to_dict
+
+    p = load_profile(name)
+    if json_out:
+        ui.print_json(profile_to_dict(p))
+        return
+    ui.out.print(describe_profile(p))
 
 
 def main() -> None:

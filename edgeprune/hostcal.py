@@ -79,7 +79,7 @@ class SynthShape:
 def calibration_shapes(quick: bool = False) -> list[SynthShape]:
     """Shapes that separate bytes, layer count and FLOPs; all at least 2x this host's 32 MB L3 at 8 bits."""
     shapes = [
-        SynthShape("cal-d512-L6-big-vocab", 512, 6, 8, 2, 1536, 49152),
+        SynthShape("cal-d512-L10-big-vocab", 512, 10, 8, 2, 1536, 49152),
         SynthShape("cal-d384-L32-many-layers", 384, 32, 6, 2, 1024, 32000),
         SynthShape("cal-d768-L10", 768, 10, 12, 4, 2048, 32000),
         SynthShape("cal-d640-L20-small-vocab", 640, 20, 10, 2, 1792, 8192),
@@ -89,7 +89,7 @@ def calibration_shapes(quick: bool = False) -> list[SynthShape]:
     if not quick:
         shapes += [
             SynthShape("cal-d896-L8", 896, 8, 14, 2, 2432, 16384),
-            SynthShape("cal-d256-L40-thin", 256, 40, 4, 2, 768, 49152),
+            SynthShape("cal-d256-L48-thin", 256, 48, 4, 2, 1024, 49152),
         ]
     return shapes
 
@@ -172,21 +172,6 @@ def _tokenizer():
 # Export and benchmark, per backend
 
 
-def _median(x):
-    if isinstance(x, dict):
-        return float(x.get("median", next(iter(x.values()))))
-    if isinstance(x, (list, tuple)):
-        return float(statistics.median(x))
-    return float(x)
-
-
-def _pick(d: dict, *names):
-    for n in names:
-        if n in d and d[n] is not None:
-            return d[n]
-    raise EdgepruneError(f"benchmark result has none of {names}: keys are {sorted(d)}")
-
-
 @dataclass
 class Measurement:
     shape: str
@@ -194,11 +179,11 @@ class Measurement:
     geometry: dict
     prompt_tokens: int
     gen_tokens: int
-    decode_tok_s: float
-    prefill_s: float  # time to evaluate the prompt and read the first token's logits (TTFT)
+    decode_tok_s: float  # 1 / (lower-quartile decode step time)
+    prefill_s: float  # lower-quartile time to evaluate the prompt and read the first token's logits (TTFT)
     file_bytes: int
-    spread: dict = field(default_factory=dict)
-    seconds: float = 0.0  # wall time spent on this shape (build + export + bench)
+    stats: dict = field(default_factory=dict)  # median/min/max/spread of the raw samples
+    seconds: float = 0.0  # wall time spent on this shape (build + export + timing)
 
     @property
     def decode_pos(self) -> float:
@@ -224,11 +209,12 @@ def backend_available(backend: str) -> tuple[bool, str]:
         if backend == "llama.cpp":
             import llama_cpp  # noqa: F401
 
-            from edgeprune.exporters.gguf import bench_gguf, export_gguf  # noqa: F401
+            from edgeprune.exporters.gguf import export_gguf, open_llama  # noqa: F401
         elif backend == "onnxruntime":
             import onnxruntime  # noqa: F401
 
-            from edgeprune.exporters.onnx import bench_onnx, export_onnx  # noqa: F401
+            from edgeprune.exporters.onnx import export_onnx  # noqa: F401
+            from edgeprune.exporters.onnx_runtime import OnnxDecoder  # noqa: F401
         else:
             return False, f"unknown backend {backend}"
     except ImportError as exc:
@@ -236,49 +222,26 @@ def backend_available(backend: str) -> tuple[bool, str]:
     return True, ""
 
 
-def measure_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, threads: int | None,
-                  prompt_tokens: int, gen_tokens: int, repeats: int, progress: Progress = None,
-                  timing: str = "wall") -> Measurement:
-    """Build, export and benchmark one synthetic shape; the exported file is deleted afterwards.
-
-    timing: "wall" (elapsed time, what a user sees on an idle machine) or "cpu" (CPU time of the
-    benchmarking thread; with threads=1 the runtime computes on that thread, so this is the
-    uncontended time even when other jobs share the cores).
-    """
+def export_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, progress: Progress = None) -> tuple[Path, dict]:
+    """Build a random model of `shape` and export it (no verification). Returns (artifact path, geometry dict)."""
     say = progress or (lambda m: None)
-    t0 = time.perf_counter()
     model, tok = build_model(shape)
-    geometry = ModelGeometry.from_model(model, name=shape.name)
+    geometry = ModelGeometry.from_model(model, name=shape.name).to_dict()
     if backend == "llama.cpp":
         from edgeprune.exporters.gguf import export_gguf
 
         path = workdir / f"{shape.name}.{dtype}.gguf"
         say(f"{shape.name}: exporting {dtype} GGUF")
         export_gguf(model, tok, path, dtype=dtype, verify=False)
-        del model
-        gc.collect()
-        say(f"{shape.name}: benchmarking (prompt {prompt_tokens}, {gen_tokens} tokens, x{repeats}, {timing} time)")
-        res = time_llamacpp(path, threads, prompt_tokens, gen_tokens, repeats, timing)
     else:
-        from edgeprune.exporters.onnx import bench_onnx, export_onnx
+        from edgeprune.exporters.onnx import export_onnx
 
         path = workdir / f"{shape.name}.{dtype}.onnx"
         say(f"{shape.name}: exporting {dtype} ONNX")
         export_onnx(model, tok, path, **_onnx_export_kwargs(dtype))
-        del model
-        gc.collect()
-        say(f"{shape.name}: benchmarking (prompt {prompt_tokens}, {gen_tokens} tokens, x{repeats})")
-        res = bench_onnx(path, threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
-    decode = _median(_pick(res, "decode_tok_s", "decode_tokens_per_s"))
-    try:
-        prefill_s = _median(_pick(res, "ttft_s", "prefill_s"))
-    except EdgepruneError:
-        prefill_s = prompt_tokens / _median(_pick(res, "prefill_tok_s", "prefill_tokens_per_s"))
-    spread = {k: v.get("spread") for k, v in res.items() if isinstance(v, dict) and "spread" in v}
-    size = int(res.get("file_bytes") or _path_bytes(path))
-    _remove(path)
-    return Measurement(shape.name, dtype, geometry.to_dict(), prompt_tokens, gen_tokens, decode, prefill_s, size,
-                       spread, time.perf_counter() - t0)
+    del model
+    gc.collect()
+    return path, geometry
 
 
 def _check_timing(timing: str, threads: int | None) -> None:
@@ -292,22 +255,31 @@ def _clock(timing: str):
     return time.thread_time if timing == "cpu" else time.perf_counter
 
 
-def _stats(xs: list[float]) -> dict:
+def _quantile(xs: Sequence[float], q: float) -> float:
     xs = sorted(xs)
+    if not xs:
+        raise EdgepruneError("no timing samples")
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _stats(xs: Sequence[float]) -> dict:
     med = statistics.median(xs)
-    return {"median": med, "min": xs[0], "max": xs[-1], "spread": (xs[-1] - xs[0]) / med if med else 0.0,
-            "n": len(xs)}
+    return {"median": med, "p25": _quantile(xs, 0.25), "min": min(xs), "max": max(xs),
+            "spread": (max(xs) - min(xs)) / med if med else 0.0, "n": len(xs)}
 
 
 def time_llamacpp(path: Path, threads: int | None, prompt_tokens: int, gen_tokens: int, repeats: int,
                   timing: str = "wall") -> dict:
-    """Prefill and per-token decode times of a GGUF in llama.cpp (CPU), from an empty cache each repeat.
+    """Raw prefill and per-step decode times of a GGUF in llama.cpp (CPU), from an empty cache each repeat.
 
     Same protocol as `exporters.gguf.bench_gguf` (one batch of `prompt_tokens`, then greedy tokens
-    one at a time, logits read back after every step) but every decode step is timed on its own,
-    so the decode figure is the median step (robust to a busy machine); prefill is the median of
-    the repeats. Returns decode_tok_s, ttft_s (= prefill time), file_bytes and the raw stats.
+    one at a time, the last logits read back after every step), but every decode step is timed on
+    its own. Returns {"prefill_s": [...], "step_s": [...]}.
     """
+    import llama_cpp
     import numpy as np
 
     from edgeprune.exporters.gguf import open_llama
@@ -315,14 +287,13 @@ def time_llamacpp(path: Path, threads: int | None, prompt_tokens: int, gen_token
     _check_timing(timing, threads)
     clock = _clock(timing)
     llm = open_llama(path, n_ctx=prompt_tokens + gen_tokens, n_threads=threads, logits_all=False, n_batch=prompt_tokens)
-    import llama_cpp
+    n_vocab = llm.n_vocab()
 
     def next_token() -> int:  # greedy, from the last position's logits (what a sampler reads)
         logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
 
     try:
-        n_vocab = llm.n_vocab()
         prompt = [int(t) for t in (np.arange(prompt_tokens) * 7919 % min(n_vocab, 300)) + 3]
         llm.reset()
         llm.eval(prompt[:8])  # warm-up: page the weights in, build the graphs
@@ -340,9 +311,99 @@ def time_llamacpp(path: Path, threads: int | None, prompt_tokens: int, gen_token
                 steps.append(clock() - t0)
     finally:
         llm.close()
-    step = _stats(steps)
-    return {"decode_tok_s": 1.0 / step["median"], "ttft_s": _stats(prefill), "decode_step_s": step,
-            "file_bytes": Path(path).stat().st_size, "timing": timing}
+    return {"prefill_s": prefill, "step_s": steps}
+
+
+def time_onnx(path: Path, threads: int | None, prompt_tokens: int, gen_tokens: int, repeats: int,
+              timing: str = "wall") -> dict:
+    """Raw prefill and per-step decode times of an ONNX export in onnxruntime (CPU, KV cache, greedy).
+
+    Same protocol as `exporters.onnx_runtime.bench_onnx`, every decode step timed on its own.
+    """
+    import numpy as np
+
+    from edgeprune.exporters.onnx_runtime import OnnxDecoder
+
+    _check_timing(timing, threads)
+    clock = _clock(timing)
+    dec = OnnxDecoder(path, threads)
+    vocab = dec.vocab_size or int(dec.logits(np.zeros(1, np.int64)).shape[-1])
+    prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens)
+    tok = int(dec.prefill(prompt[: min(8, prompt_tokens)])[-1].argmax())  # warm-up
+    dec.step(tok)
+    prefill, steps = [], []
+    for _ in range(repeats):
+        dec.reset()
+        t0 = clock()
+        tok = int(dec.prefill(prompt)[-1].argmax())
+        prefill.append(clock() - t0)
+        for _ in range(gen_tokens):
+            t0 = clock()
+            tok = int(dec.step(tok).argmax())
+            steps.append(clock() - t0)
+    del dec
+    return {"prefill_s": prefill, "step_s": steps}
+
+
+def measure_shapes(shapes: Sequence[SynthShape], backend: str, dtypes: Sequence[str], workdir: Path,
+                   threads: int | None, prompt_tokens: int, gen_tokens: int, repeats: int,
+                   progress: Progress = None, timing: str = "wall", rounds: int = 2,
+                   quantile: float = 0.25) -> list[Measurement]:
+    """Export every (shape, dtype), then time them round-robin `rounds` times (`repeats` runs each).
+
+    Round-robin spreads slow drifts of a shared machine's load over all shapes instead of biasing
+    whichever shape ran during a busy minute. Figures are the `quantile` (default: lower quartile)
+    of the pooled samples: contention only ever adds time, so a low quantile is closer to what an
+    idle device measures than the median. timing: "wall" or "cpu" (see `measure_shape`).
+    Exported files are deleted afterwards.
+    """
+    say = progress or (lambda m: None)
+    _check_timing(timing, threads)
+    timer = time_llamacpp if backend == "llama.cpp" else time_onnx
+    jobs = list(itertools.product(shapes, dtypes))
+    items = []
+    try:
+        for i, (shape, dt) in enumerate(jobs):
+            say(f"[{i + 1}/{len(jobs)}] building and exporting {shape.name} ({dt})")
+            t0 = time.perf_counter()
+            path, geom = export_shape(shape, backend, dt, workdir, progress)
+            items.append({"shape": shape, "dtype": dt, "path": path, "geometry": geom, "prefill_s": [], "step_s": [],
+                          "seconds": time.perf_counter() - t0, "bytes": _path_bytes(path)})
+        for r in range(rounds):
+            for it in items:
+                say(f"round {r + 1}/{rounds}: timing {it['shape'].name} ({it['dtype']}, prompt {prompt_tokens}, "
+                    f"{gen_tokens} tokens x {repeats}, {timing} time)")
+                t0 = time.perf_counter()
+                raw = timer(it["path"], threads, prompt_tokens, gen_tokens, repeats, timing)
+                it["prefill_s"] += raw["prefill_s"]
+                it["step_s"] += raw["step_s"]
+                it["seconds"] += time.perf_counter() - t0
+    finally:
+        for it in items:
+            _remove(it["path"])
+    out = []
+    for it in items:
+        out.append(Measurement(
+            shape=it["shape"].name, dtype=it["dtype"], geometry=it["geometry"], prompt_tokens=prompt_tokens,
+            gen_tokens=gen_tokens, decode_tok_s=1.0 / _quantile(it["step_s"], quantile),
+            prefill_s=_quantile(it["prefill_s"], quantile), file_bytes=it["bytes"],
+            stats={"timing": timing, "quantile": quantile, "decode_step_s": _stats(it["step_s"]),
+                   "prefill_s": _stats(it["prefill_s"])},
+            seconds=it["seconds"]))
+    return out
+
+
+def measure_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, threads: int | None,
+                  prompt_tokens: int, gen_tokens: int, repeats: int, progress: Progress = None,
+                  timing: str = "wall", rounds: int = 1) -> Measurement:
+    """Build, export and time one synthetic shape; the exported file is deleted afterwards.
+
+    timing: "wall" (elapsed time: what a user sees on an idle machine) or "cpu" (CPU time of the
+    timing thread; with threads=1 both runtimes compute on that thread, so this is the time the
+    work took even when other jobs share the cores).
+    """
+    return measure_shapes([shape], backend, [dtype], workdir, threads, prompt_tokens, gen_tokens, repeats, progress,
+                          timing, rounds)[0]
 
 
 def _onnx_export_kwargs(dtype: str) -> dict:
@@ -365,7 +426,8 @@ def _onnx_export_kwargs(dtype: str) -> dict:
 def _path_bytes(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0
+    total = path.stat().st_size if path.exists() else 0
+    return total + sum(p.stat().st_size for p in path.parent.glob(path.name + "?*") if p.is_file())
 
 
 def _remove(path: Path) -> None:
@@ -375,7 +437,7 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-        for extra in path.parent.glob(path.name + "*"):  # external-data files next to an .onnx
+        for extra in path.parent.glob(path.name + "?*"):  # external-data files next to an .onnx
             if extra.is_file():
                 extra.unlink(missing_ok=True)
 
@@ -416,14 +478,20 @@ class Fit:
     layer_overhead_ms: float
     token_overhead_ms: float
     compute_gops: dict
-    prefill_layer_overhead_ms: float
+    prefill_layer_token_overhead_ms: float
     prefill_overhead_ms: float
     decode_rel_err: list = field(default_factory=list)
     prefill_rel_err: list = field(default_factory=list)
 
 
 def fit_constants(measurements: Sequence[Measurement], backend: str, kv_dtype: str, prefill_logits: str) -> Fit:
-    """Least-squares fit of the decode and prefill constants (decode shared across dtypes, compute per dtype)."""
+    """Least-squares fit of the decode and prefill constants.
+
+    decode:  1/decode_tok_s = bytes * (1/bw) + n_layers * t_layer + t_token            (3 unknowns)
+    prefill: prefill_s      = sum_d [dtype = d] * FLOPs * (1/C_d) + n_layers * P * t_lt + t_p0
+             (one compute rate per dtype, shared overheads)
+    Non-negative, on relative residuals (each row divided by its measured value).
+    """
     if len(measurements) < 3:
         raise EdgepruneError(f"calibration needs at least 3 measured shapes, got {len(measurements)}")
     rows, y = [], []
@@ -439,26 +507,29 @@ def fit_constants(measurements: Sequence[Measurement], backend: str, kv_dtype: s
                              "model bytes): the host is probably too busy; rerun with fewer other jobs")
     dec_err = [(r[0] * inv_bw + r[1] * t_layer + r[2] * t_token) / v - 1.0 for r, v in zip(rows, y)]
 
-    compute: dict[str, float] = {}
-    p_layer_all, p0_all, pre_err = [], [], []
-    for dtype in sorted({m.dtype for m in measurements}):
-        ms = [m for m in measurements if m.dtype == dtype]
-        prow, py = [], []
-        for m in ms:
-            g = ModelGeometry.from_dict(m.geometry)
-            prow.append([prefill_flops(g, m.prompt_tokens, prefill_logits), g.n_layers, 1.0])
-            py.append(m.prefill_s)
-        inv_c, t_pl, t_p0 = nnls(prow, py, [1.0 / v for v in py])
-        if inv_c <= 0:
-            raise EdgepruneError(f"calibration could not fit prefill compute for {dtype}: prefill time did not grow "
+    dtypes = sorted({m.dtype for m in measurements})
+    prow, py = [], []
+    for m in measurements:
+        g = ModelGeometry.from_dict(m.geometry)
+        flops = prefill_flops(g, m.prompt_tokens, prefill_logits)
+        prow.append([flops if m.dtype == d else 0.0 for d in dtypes] + [g.n_layers * m.prompt_tokens, 1.0])
+        py.append(m.prefill_s)
+    coef = nnls(prow, py, [1.0 / v for v in py])
+    inv_c, t_lt, t_p0 = coef[:-2], coef[-2], coef[-1]
+    for d, ic in zip(dtypes, inv_c):
+        if ic <= 0:
+            raise EdgepruneError(f"calibration could not fit prefill compute for {d}: prefill time did not grow "
                                  "with FLOPs (host too busy?)")
-        compute[dtype] = 1.0 / inv_c / 1e9
-        p_layer_all.append(t_pl)
-        p0_all.append(t_p0)
-        pre_err += [(r[0] * inv_c + r[1] * t_pl + r[2] * t_p0) / v - 1.0 for r, v in zip(prow, py)]
+    pre_err = [sum(r_i * c_i for r_i, c_i in zip(r, coef)) / v - 1.0 for r, v in zip(prow, py)]
     return Fit(bandwidth_gbps=1.0 / inv_bw / 1e9, layer_overhead_ms=t_layer * 1e3, token_overhead_ms=t_token * 1e3,
-               compute_gops=compute, prefill_layer_overhead_ms=statistics.mean(p_layer_all) * 1e3,
-               prefill_overhead_ms=statistics.mean(p0_all) * 1e3, decode_rel_err=dec_err, prefill_rel_err=pre_err)
+               compute_gops={d: 1.0 / ic / 1e9 for d, ic in zip(dtypes, inv_c)},
+               prefill_layer_token_overhead_ms=t_lt * 1e3, prefill_overhead_ms=t_p0 * 1e3,
+               decode_rel_err=dec_err, prefill_rel_err=pre_err)
+
+
+def _sig(x: float, n: int = 4) -> float:
+    """x rounded to n significant digits (profiles stay readable without losing small overheads)."""
+    return float(f"{x:.{n}g}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +581,8 @@ class CalibrationResult:
     threads: int
     seconds: float
     host: dict
+    heldout: list = field(default_factory=list)  # measurements of held-out shapes (not fitted)
+    validation: object = None  # ValidationReport on `heldout`, or None
 
     def to_dict(self) -> dict:
         from edgeprune.profiles import profile_to_dict
@@ -517,6 +590,8 @@ class CalibrationResult:
         return {"backend": self.backend, "dtypes": list(self.dtypes), "threads": self.threads,
                 "seconds": self.seconds, "host": self.host, "fit": asdict(self.fit),
                 "measurements": [asdict(m) for m in self.measurements],
+                "heldout_measurements": [asdict(m) for m in self.heldout],
+                "validation": self.validation.to_dict() if self.validation else None,
                 "profile": profile_to_dict(self.profile)}
 
 
@@ -541,8 +616,13 @@ def run_calibration(backend: str = "llama.cpp", dtype=None, threads: int | None 
                     progress: Progress = None, shapes: Sequence[SynthShape] | None = None,
                     prompt_tokens: int = 128, gen_tokens: int | None = None, repeats: int | None = None,
                     workdir: Path | None = None, base_profile=None, name: str = "host",
-                    timing: str = "wall") -> CalibrationResult:
-    """Benchmark synthetic shapes with `backend` and fit a profile; see `calibrate_host`."""
+                    timing: str = "wall", rounds: int = 2,
+                    heldout: Sequence[SynthShape] | None = None) -> CalibrationResult:
+    """Benchmark synthetic shapes with `backend` and fit a profile; see `calibrate_host`.
+
+    heldout: shapes measured in the same round-robin session (so machine-load drift hits both sets
+    alike) but never used by the fit; the result's `validation` compares them with the fitted profile.
+    """
     if backend not in BACKENDS:
         raise EdgepruneError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
     ok, why = backend_available(backend)
@@ -559,17 +639,22 @@ def run_calibration(backend: str = "llama.cpp", dtype=None, threads: int | None 
     kv_dtype = "f16" if backend == "llama.cpp" else "f32"
     prefill_logits = "last" if backend == "llama.cpp" else "all"
     start = time.perf_counter()
-    measurements: list[Measurement] = []
+    heldout = list(heldout or [])
+    cal_names = {s.name for s in shapes}
+    if cal_names & {s.name for s in heldout}:
+        raise EdgepruneError(f"held-out shapes overlap the calibration shapes: {sorted(cal_names & {s.name for s in heldout})}")
     with tempfile.TemporaryDirectory(prefix="edgeprune-cal-", dir=workdir) as tmp:
-        for i, (shape, dt) in enumerate(itertools.product(shapes, dtypes)):
-            say(f"[{i + 1}/{len(shapes) * len(dtypes)}] {shape.name} {dt}")
-            measurements.append(measure_shape(shape, backend, dt, Path(tmp), threads, prompt_tokens, gen_tokens,
-                                              repeats, progress, timing))
+        measured = measure_shapes(shapes + heldout, backend, dtypes, Path(tmp), threads, prompt_tokens, gen_tokens,
+                                  repeats, say, timing, rounds)
+    measurements = [m for m in measured if m.shape in cal_names]
+    held = [m for m in measured if m.shape not in cal_names]
     fit = fit_constants(measurements, backend, kv_dtype, prefill_logits)
     version = runtime_version(backend)
     profile = _make_profile(fit, backend, dtypes, threads, host, version, kv_dtype, prefill_logits, base_profile,
                             name, len(shapes), prompt_tokens, gen_tokens, repeats)
-    return CalibrationResult(profile, fit, measurements, backend, dtypes, threads, time.perf_counter() - start, host)
+    validation = ValidationReport(backend, profile.name, [compare(m, profile) for m in held]) if held else None
+    return CalibrationResult(profile, fit, measurements, backend, dtypes, threads, time.perf_counter() - start, host,
+                             held, validation)
 
 
 def _make_profile(fit: Fit, backend, dtypes, threads, host, version, kv_dtype, prefill_logits, base_profile, name,
@@ -580,15 +665,15 @@ def _make_profile(fit: Fit, backend, dtypes, threads, host, version, kv_dtype, p
     today = _dt.date.today().isoformat()
     calibrated = f"calibrated on {host['hostname']} {today} with {backend} {version}"
     constants = LatencyConstants(
-        backend=backend, bandwidth_gbps=round(fit.bandwidth_gbps, 3),
-        compute_gops={d: round(v, 2) for d, v in fit.compute_gops.items()},
-        layer_overhead_ms=round(fit.layer_overhead_ms, 4), token_overhead_ms=round(fit.token_overhead_ms, 4),
-        prefill_layer_overhead_ms=round(fit.prefill_layer_overhead_ms, 4),
-        prefill_overhead_ms=round(fit.prefill_overhead_ms, 4), kv_dtype=kv_dtype, prefill_logits=prefill_logits)
+        backend=backend, bandwidth_gbps=_sig(fit.bandwidth_gbps),
+        compute_gops={d: _sig(v) for d, v in fit.compute_gops.items()},
+        layer_overhead_ms=_sig(fit.layer_overhead_ms), token_overhead_ms=_sig(fit.token_overhead_ms),
+        prefill_layer_token_overhead_ms=_sig(fit.prefill_layer_token_overhead_ms),
+        prefill_overhead_ms=_sig(fit.prefill_overhead_ms), kv_dtype=kv_dtype, prefill_logits=prefill_logits)
     fmt = BACKEND_FORMAT[backend]
     mad = lambda xs: 100 * statistics.mean(abs(x) for x in xs) if xs else 0.0  # noqa: E731
     notes = (f"{n_shapes} synthetic random-weight shapes x {', '.join(dtypes)}, {threads} threads, prompt "
-             f"{prompt_tokens}, {gen_tokens} generated tokens, median of {repeats}; in-sample mean |error| decode "
+             f"{prompt_tokens}, {gen_tokens} generated tokens, lower quartile of {repeats} x rounds; in-sample mean |error| decode "
              f"{mad(fit.decode_rel_err):.1f}%, prefill {mad(fit.prefill_rel_err):.1f}%.")
     sources = [f"edgeprune.hostcal ({calibrated})"]
     if base_profile is not None:
@@ -727,7 +812,7 @@ def compare(measurement: Measurement, profile) -> ValidationRow:
 def validate_model(profile, backend: str | None = None, dtype=None, threads: int | None = None, quick: bool = False,
                    progress: Progress = None, shapes: Sequence[SynthShape] | None = None, prompt_tokens: int = 128,
                    gen_tokens: int | None = None, repeats: int | None = None, workdir: Path | None = None,
-                   measurements_out: list | None = None, timing: str = "wall") -> ValidationReport:
+                   measurements_out: list | None = None, timing: str = "wall", rounds: int = 2) -> ValidationReport:
     """Benchmark held-out shapes (default: SmolLM2-like dense / pruned / layer-dropped) and compare with `profile`.
 
     profile: a Profile, name or path (normally the one `calibrate_host` just wrote). Shapes are
@@ -750,12 +835,9 @@ def validate_model(profile, backend: str | None = None, dtype=None, threads: int
     repeats = repeats or (3 if quick else 5)
     shapes = list(shapes) if shapes is not None else heldout_shapes(quick)
     say = progress or (lambda m: None)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="edgeprune-val-", dir=workdir) as tmp:
-        for i, (shape, dt) in enumerate(itertools.product(shapes, dtypes)):
-            say(f"[{i + 1}/{len(shapes) * len(dtypes)}] held-out {shape.name} {dt}")
-            m = measure_shape(shape, backend, dt, Path(tmp), threads, prompt_tokens, gen_tokens, repeats, progress, timing)
-            if measurements_out is not None:
-                measurements_out.append(m)
-            rows.append(compare(m, profile))
-    return ValidationReport(backend, profile.name, rows)
+        ms = measure_shapes(shapes, backend, dtypes, Path(tmp), threads, prompt_tokens, gen_tokens, repeats, say,
+                            timing, rounds)
+    if measurements_out is not None:
+        measurements_out.extend(ms)
+    return ValidationReport(backend, profile.name, [compare(m, profile) for m in ms])

@@ -19,7 +19,7 @@ Decode (one token, memory-bound on every device edgeprune targets)::
 
 Prefill (P prompt tokens, compute-bound)::
 
-    prefill_s = max(F / C[dtype], W_prefill / bw_eff)  +  n_layers * t_layer_prefill  +  t_prefill
+    prefill_s = max(F / C[dtype], W_prefill / bw_eff)  +  n_layers * P * t_layer_token  +  t_prefill
 
     F         2 * P * (linear params of all layers)                 matmuls
               + 2 * (head params) * (1 or P)                         lm_head: llama.cpp computes
@@ -27,7 +27,11 @@ Prefill (P prompt tokens, compute-bound)::
                                                                      an ONNX graph usually for all P
               + 2 * P * (P + 1) * sum_l n_heads_l * head_dim          causal attention (QK^T and AV)
     C[dtype]  effective compute, GOPS, per weight dtype (profile `[latency.compute_gops]`);
-    W_prefill bytes of every weight touched once.
+    W_prefill bytes of every weight touched once;
+    t_layer_token  non-matmul work per layer per prompt token (norms, rope, activations, softmax):
+              prefill time is linear in P for these models (measured: 16 to 512 tokens on llama.cpp),
+              so the per-layer cost scales with P rather than being a per-call constant;
+    t_prefill fixed cost per prefill call.
 
     ttft_s = prefill_s   (the prefill produces the first token's logits; sampling is in t_prefill)
 
@@ -353,7 +357,7 @@ class LatencyConstants:
     compute_gops: dict  # dtype -> effective prefill compute, 1e9 ops/s
     layer_overhead_ms: float = 0.0  # per decoder layer per decoded token
     token_overhead_ms: float = 0.0  # per decoded token
-    prefill_layer_overhead_ms: float = 0.0  # per decoder layer per prefill call
+    prefill_layer_token_overhead_ms: float = 0.0  # per decoder layer per prompt token
     prefill_overhead_ms: float = 0.0  # per prefill call
     kv_dtype: str = "f16"
     prefill_logits: str = "last"  # "last" (llama.cpp) or "all" (ONNX graphs without slicing)
@@ -460,7 +464,7 @@ def predict(geometry: ModelGeometry, dtype: str, constants: LatencyConstants, pr
     flops = prefill_flops(geometry, prompt_tokens, c.prefill_logits)
     t_compute = flops / (c.compute_for(dtype) * 1e9)
     t_read = (bc.stored + bc.kv_per_token * prompt_tokens) / bw
-    t_pl = L * c.prefill_layer_overhead_ms / 1e3
+    t_pl = L * prompt_tokens * c.prefill_layer_token_overhead_ms / 1e3
     t_p0 = c.prefill_overhead_ms / 1e3
     prefill_s = max(t_compute, t_read) + t_pl + t_p0
 

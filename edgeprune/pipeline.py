@@ -1,4 +1,4 @@
-"""The prune pipeline the CLI, `fit` and the benchmarks share: calibrate once, plan, apply, save."""
+"""The prune pipeline the CLI, `fit` and the benchmarks share: calibrate once, plan, apply, recover, save."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from edgeprune.checkpoint import save_pruned
 from edgeprune.data import calibration_ids
 from edgeprune.exporters.common import atomic_dir
 from edgeprune.plan import PrunePlan, base_description
-from edgeprune.prune import make_plan, pruned_copy
+from edgeprune.prune import pruned_copy
 from edgeprune.report import plot_widths, write_json
 
 
@@ -28,18 +28,49 @@ def calibration_pass(lm, source="self", nsamples=32, seqlen=128, seed=0, gram=Fa
     return ids, stats, {"calibration_text_s": gen_s, "calibration_pass_s": stats.seconds}
 
 
-def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePlan | None = None, report: dict | None = None, **plan_args):
-    """Make (or re-apply) a plan, prune a copy of the dense model, write checkpoint + plan + report + PNG atomically."""
+def _recalibrate_for(lm, plan: PrunePlan, progress=None):
+    """A fresh calibration pass with the data the plan was made from (re-applying a plan that records a recovery)."""
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.recover import needs
+
+    cal = plan.calibration or {}
+    missing = [k for k in ("source", "nsamples", "seqlen", "seed") if k not in cal]
+    if missing:
+        raise EdgepruneError(f"the plan records recovery '{plan.method.get('recover')}' but not its calibration data ({', '.join(missing)})")
+    return calibration_pass(lm, cal["source"], cal["nsamples"], cal["seqlen"], cal["seed"],
+                            gram=needs(plan.method.get("recover"))["gram"], progress=progress)
+
+
+def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePlan | None = None, report: dict | None = None,
+                   ids=None, progress=None, **plan_args):
+    """Make (or re-apply) a plan, prune a copy of the dense model, run the plan's recovery, and write
+    checkpoint + plan + report + PNG atomically. `plan_args` go to methods.make_method_plan.
+
+    Recovery needs calibration statistics (with Gram matrices for lstsq/mask) and, for LoRA, the
+    calibration ids; when they are not given (re-applying a plan) one fresh pass over the plan's
+    own calibration data provides them."""
+    from edgeprune.methods import make_method_plan
+    from edgeprune.recover import needs, recover
+
     timings = {}
     t = time.perf_counter()
     if plan is None:
-        plan = make_plan(lm.model, stats, base_of(lm), **plan_args)
+        plan = make_method_plan(lm.model, stats, base_of(lm), **plan_args)
     else:
         plan.check_base(base_of(lm))
     timings["plan_s"] = time.perf_counter() - t
+    need = needs(plan.method.get("recover"))
+    if need["stats"] and (stats is None or (need["gram"] and stats.blocks[0].ffn.gram is None) or (need["ids"] and ids is None)):
+        ids, stats, cal_t = _recalibrate_for(lm, plan, progress)
+        timings.update({f"recovery_{k}": v for k, v in cal_t.items()})
     t = time.perf_counter()
     pruned = pruned_copy(lm.model, plan)
     timings["apply_s"] = time.perf_counter() - t
+    recovery = {}
+    if need["stats"]:
+        t = time.perf_counter()
+        recovery = recover(pruned, lm.model, plan, stats, ids, progress=progress)
+        timings["recover_s"] = time.perf_counter() - t
     t = time.perf_counter()
     with atomic_dir(Path(out)) as tmp:
         save_pruned(pruned, lm.tokenizer, plan, tmp)
@@ -48,6 +79,8 @@ def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePla
         report = dict(report or {})
         report.setdefault("timings", {}).update(timings)
         report["plan"] = {"method": plan.method, "achieved": plan.achieved, "dropped_layers": plan.dropped_layers}
+        if recovery:
+            report["recovery"] = recovery
         report["layer_shapes"] = [s.to_dict() for s in arch.layer_shapes(pruned)]
         write_json(tmp / "report.json", report)
     return pruned, plan, report

@@ -445,7 +445,7 @@ def bpe_pre_name(spec: dict) -> str:
     )
 
 
-def _token_type(i: int, tok: str, added: dict) -> int:
+def _token_type(i: int, added: dict) -> int:
     T = gguf.TokenType
     if i in added:
         return T.CONTROL if added[i].special else T.USER_DEFINED
@@ -459,7 +459,7 @@ def _write_bpe_vocab(w, spec, id_to_tok, added, n_vocab, pre) -> None:
     for i in range(n_vocab):  # embedding rows beyond the tokenizer become unused padding tokens
         tok = id_to_tok.get(i)
         tokens.append(tok if tok is not None else f"[PAD{i}]")
-        types.append(_token_type(i, tok, added) if tok is not None else gguf.TokenType.UNUSED)
+        types.append(_token_type(i, added) if tok is not None else gguf.TokenType.UNUSED)
     w.add_token_list(tokens)
     w.add_token_types(types)
     merges = spec["model"]["merges"]  # "a b" strings (old tokenizers) or [a, b] pairs (new)
@@ -483,7 +483,7 @@ def _write_spm_vocab(w, spec, id_to_tok, added, n_vocab, tokenizer) -> None:
         elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
             types.append(T.BYTE)
         else:
-            types.append(_token_type(i, tok, added))
+            types.append(_token_type(i, added))
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)

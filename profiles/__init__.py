@@ -9,8 +9,9 @@ their own unit ("300MB", "2.5GB", "1.5GiB", "8s", "500ms", "8.7GB/s", "150GOPS")
     name = "raspberrypi5"                 # optional; defaults to the file name
     [hardware]    description, threads, ram (bytes), accelerator?, isa?, notes?
     [latency]     backend ("llama.cpp" | "onnxruntime"), bandwidth_gbps (GB/s = 1e9 B/s),
-                  layer_overhead_ms, token_overhead_ms, prefill_layer_overhead_ms,
-                  prefill_overhead_ms, kv_dtype?, prefill_logits? ("last" | "all"), version?
+                  layer_overhead_ms, token_overhead_ms (decode, per layer / per token),
+                  prefill_layer_token_overhead_ms (per layer per prompt token), prefill_overhead_ms
+                  (per prefill call), kv_dtype?, prefill_logits? ("last" | "all"), version?
     [latency.compute_gops]  dtype = effective prefill GOPS (1e9 ops/s), one per dtype used
     [memory]      budget (bytes: weights + KV cache at `context` + runtime buffers), context
                   (tokens), runtime_overhead (bytes)
@@ -292,7 +293,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
         "compute_gops": (None, True),  # table, parsed separately
         "layer_overhead_ms": (parse_ms, False),
         "token_overhead_ms": (parse_ms, False),
-        "prefill_layer_overhead_ms": (parse_ms, False),
+        "prefill_layer_token_overhead_ms": (parse_ms, False),
         "prefill_overhead_ms": (parse_ms, False),
         "kv_dtype": (_choice(tuple(KV_DTYPES)), False),
         "prefill_logits": (_choice(("last", "all")), False),
@@ -350,7 +351,9 @@ class _Loader:
         out: dict[str, Any] = {}
         for key, value in raw.items():
             if key not in schema:
-                raise self.fail(f"[{name}] unknown key '{key}'{_suggest(key, schema)}")
+                home = [t for t, keys in _SCHEMA.items() if key in keys and t != name]
+                hint = f" (it belongs in [{home[0]}])" if home else _suggest(key, schema)
+                raise self.fail(f"[{name}] unknown key '{key}'{hint}")
             parser, _ = schema[key]
             if parser is None:
                 continue
@@ -439,7 +442,7 @@ def parse_profile(data: dict, where: str = "<memory>", default_name: str = "") -
         compute_gops=compute,
         layer_overhead_ms=lat.get("layer_overhead_ms", 0.0),
         token_overhead_ms=lat.get("token_overhead_ms", 0.0),
-        prefill_layer_overhead_ms=lat.get("prefill_layer_overhead_ms", 0.0),
+        prefill_layer_token_overhead_ms=lat.get("prefill_layer_token_overhead_ms", 0.0),
         prefill_overhead_ms=lat.get("prefill_overhead_ms", 0.0),
         kv_dtype=kv_dtype,
         prefill_logits=lat.get("prefill_logits", "last" if backend == "llama.cpp" else "all"),
@@ -570,7 +573,7 @@ def profile_to_dict(profile: Profile, human_units: bool = False) -> dict:
     c = p.latency
     lat: dict[str, Any] = {"backend": c.backend, "bandwidth_gbps": c.bandwidth_gbps,
                            "layer_overhead_ms": c.layer_overhead_ms, "token_overhead_ms": c.token_overhead_ms,
-                           "prefill_layer_overhead_ms": c.prefill_layer_overhead_ms,
+                           "prefill_layer_token_overhead_ms": c.prefill_layer_token_overhead_ms,
                            "prefill_overhead_ms": c.prefill_overhead_ms, "kv_dtype": c.kv_dtype,
                            "prefill_logits": c.prefill_logits}
     if p.latency_version:
@@ -706,7 +709,7 @@ def describe_profile(profile: Profile) -> str:
         f"  bandwidth {c.bandwidth_gbps:g} GB/s{est('latency.bandwidth_gbps')}; compute "
         + ", ".join(f"{k} {v:g} GOPS{est('latency.compute_gops.' + k)}" for k, v in c.compute_gops.items()),
         f"  overheads: {c.layer_overhead_ms:g} ms/layer + {c.token_overhead_ms:g} ms/token (decode), "
-        f"{c.prefill_layer_overhead_ms:g} ms/layer + {c.prefill_overhead_ms:g} ms (prefill)",
+        f"{c.prefill_layer_token_overhead_ms:g} ms/layer/prompt token + {c.prefill_overhead_ms:g} ms (prefill)",
         f"  memory budget {p.memory.budget / 1e9:g} GB at {p.memory.context}-token context "
         f"(runtime overhead {p.memory.runtime_overhead / 1e6:g} MB)",
     ]

@@ -228,6 +228,64 @@ def test_kquant_success(llama_cpp, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # the F32 intermediate is gone
 
 
+@pytest.mark.parametrize("rope", ["linear", "llama3"])
+def test_rope_scaling(llama_cpp, tok, windows, tmp_path, monkeypatch, rope):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model, _ = tiny_llama(tok)
+    model.config.rope_scaling = {"rope_type": rope, "factor": 4.0}
+    if rope == "llama3":  # a short original context so the 128-token windows feel every band
+        model.config.rope_scaling.update(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
+    assert export(model, tok, tmp_path / "m.gguf", windows)["verification"]["top1_agreement"] >= 0.995
+    if rope == "llama3":  # and the frequency factors are what makes it match
+        real = G.gguf_tensors
+        monkeypatch.setattr(G, "gguf_tensors", lambda m, s: ((n, a) for n, a in real(m, s) if n != "rope_freqs.weight"))
+        with pytest.raises(VerificationError):
+            export(model, tok, tmp_path / "m2.gguf", windows)
+
+
+def test_unloadable_file_is_one_line_error(llama_cpp, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(EdgepruneError, match="llama.cpp cannot load"):
+        G.llamacpp_logits_fn(bad, n_ctx=16, n_threads=THREADS)
+
+
+def spm_tokenizer():
+    """A Llama-2-style tokenizer: '▁' for spaces, byte-fallback <0xXX> tokens, BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgeprune.testing import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_style_tokenizer(llama_cpp, tmp_path):
+    tok = spm_tokenizer()
+    model, _ = tiny_llama(tok)
+    report = export(model, tok, tmp_path / "m.gguf", verification_windows(tok, seqlen=128, n=2))
+    assert report["verification"]["tokenizer_match"] and report["verification"]["top1_agreement"] >= 0.995
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.add_bos_token"].contents() is True
+
+
+def test_wrong_pre_tokenizer_is_caught(llama_cpp, tok, windows, tmp_path):
+    model, _ = tiny_llama(tok)  # digits are split one by one; plain gpt-2 keeps "2000" together
+    with pytest.raises(VerificationError, match="llama.cpp tokenizes differently from the HF tokenizer"):
+        export(model, tok, tmp_path / "m.gguf", windows, metadata={"tokenizer.ggml.pre": "gpt-2"})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_verification_failure_leaves_no_file(llama_cpp, tok, windows, tmp_path, monkeypatch):
     model, _ = tiny_llama(tok)
     real = G.gguf_tensors

@@ -103,7 +103,8 @@ def test_onnx_bytes_int4_and_untied_embedding(smol):
 
 
 def test_decode_and_prefill_formula_by_hand(smol):
-    c = load_profile("raspberrypi5").latency  # bw 8.7, 0.10 ms/layer, 0.6 ms/token, q8_0 80 GOPS
+    c = LatencyConstants("llama.cpp", 8.7, {"q8_0": 80.0}, layer_overhead_ms=0.10, token_overhead_ms=0.6,
+                         prefill_layer_token_overhead_ms=0.002, prefill_overhead_ms=5.0)
     p = predict(smol, "q8_0", c, prompt_tokens=512, context=2048)
     read = 143_026_020 + 512 * KV_TOKEN  # weights read per token + KV of 512 cached tokens
     decode_s = read / 8.7e9 + 30 * 0.10e-3 + 0.6e-3
@@ -112,7 +113,7 @@ def test_decode_and_prefill_formula_by_hand(smol):
     assert p.decode_tok_s == pytest.approx(46.74, abs=0.01)
     flops = 2 * 512 * LINEAR + 2 * 49152 * 576 + 2 * 512 * 513 * (30 * 9 * 64)  # logits for the last token only
     assert prefill_flops(smol, 512, "last") == flops
-    prefill = flops / 80e9 + 30 * 0.2e-3 + 5e-3
+    prefill = flops / 80e9 + 30 * 512 * 0.002e-3 + 5e-3  # per-layer cost scales with the prompt length
     assert p.prefill_bound == "compute"
     assert p.prefill_s == pytest.approx(prefill)
     assert p.ttft_s == p.prefill_s
@@ -129,7 +130,7 @@ def test_prefill_all_logits_and_bandwidth_bound(smol):
 
 
 def test_decode_grows_with_context(smol):
-    c = load_profile("raspberrypi5").latency
+    c = LatencyConstants("llama.cpp", 8.7, {"q8_0": 80.0})
     short = predict(smol, "q8_0", c, prompt_tokens=16, context=2048)
     long = predict(smol, "q8_0", c, prompt_tokens=1024, context=2048)
     assert long.decode_ms_per_token - short.decode_ms_per_token == pytest.approx((1024 - 16) * KV_TOKEN / 8.7e9 * 1e3)
@@ -266,7 +267,7 @@ def test_fit_recovers_known_constants():
     from edgeprune.hostcal import Measurement, calibration_shapes, fit_constants
 
     truth = LatencyConstants("llama.cpp", 6.5, {"q8_0": 42.0}, layer_overhead_ms=0.07, token_overhead_ms=0.9,
-                             prefill_layer_overhead_ms=0.3, prefill_overhead_ms=4.0)
+                             prefill_layer_token_overhead_ms=0.005, prefill_overhead_ms=4.0)
     ms = []
     for s in calibration_shapes(quick=True):
         g = s.geometry()
@@ -277,7 +278,7 @@ def test_fit_recovers_known_constants():
     assert fit.layer_overhead_ms == pytest.approx(0.07, rel=1e-5)
     assert fit.token_overhead_ms == pytest.approx(0.9, rel=1e-5)
     assert fit.compute_gops["q8_0"] == pytest.approx(42.0, rel=1e-6)
-    assert fit.prefill_layer_overhead_ms == pytest.approx(0.3, rel=1e-4)
+    assert fit.prefill_layer_token_overhead_ms == pytest.approx(0.005, rel=1e-4)
     assert fit.prefill_overhead_ms == pytest.approx(4.0, rel=1e-4)
     assert max(abs(e) for e in fit.decode_rel_err + fit.prefill_rel_err) < 1e-9
 

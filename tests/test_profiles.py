@@ -151,6 +151,12 @@ def test_unknown_key_suggests_the_closest():
     assert "[latency] unknown key 'bandwith_gbps'" in msg and "did you mean 'bandwidth_gbps'" in msg
 
 
+def test_key_in_the_wrong_table_says_where_it_belongs():
+    text = _mutated("rpi4", r"^threads = .*$", "")
+    text = text.replace("[latency]\n", "[latency]\nthreads = 4\n", 1)
+    assert "[latency] unknown key 'threads' (it belongs in [hardware])" in _error(text)
+
+
 def test_unknown_table_suggests_the_closest():
     msg = _error(_mutated("raspberrypi5", r"^\[targets\]", "[target]"))
     assert "'target'" in msg and "did you mean 'targets'" in msg
