@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.hostcal import backend_available, heldout_shapes, host_description, run_calibration
-from edgeprune.profiles import profile_to_dict, write_profile
+from edgeprune.profiles import write_profile
 
 
 def run_backend(backend: str, args, say) -> dict:

@@ -362,7 +362,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except EdgepruneError as exc:
-        ui.err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        ui.error(exc)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         ui.err.print("[red]interrupted[/red]: no partial outputs were left under final names")
@@ -378,7 +378,7 @@ def main() -> None:
             sys.exit(130)
         if os.environ.get("EDGEPRUNE_DEBUG"):
             raise
-        ui.err.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} (set EDGEPRUNE_DEBUG=1 for the traceback)", soft_wrap=True)
+        ui.error(f"{type(exc).__name__}: {exc} (set EDGEPRUNE_DEBUG=1 for the traceback)", "internal error")
         sys.exit(1)
 
 

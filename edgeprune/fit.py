@@ -79,7 +79,10 @@ def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
             raise EdgepruneError(f"--max-ttft-s must be positive, got {max_ttft}")
         changes["ttft_max_s"] = float(max_ttft)
     if max_memory is not None:
-        changes["memory_max"] = parse_bytes(max_memory)
+        try:
+            changes["memory_max"] = parse_bytes(max_memory)
+        except Exception as exc:  # the parser's own error type says what is wrong with the value
+            raise EdgepruneError(f"--max-memory: {exc} (e.g. 300MB, 1.5GiB)") from None
     return dataclasses.replace(targets, **changes)
 
 
@@ -177,7 +180,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         log(f"chosen: {chosen.label}: {chosen.check.describe()}; quality KL {chosen.quality:.4f}")
         t = time.perf_counter()
         plan = chosen.plan or identity_plan(lm, base, desc)
-        pruned, plan, prune_report = prune_and_save(lm, stats, out / "model", plan=plan, report={"from": "edgeprune fit"})
+        pruned, plan, prune_report = prune_and_save(lm, stats, out / "model", plan=plan, report={"from": "edgeprune fit"}, inplace=True)
         timings["prune_s"] = time.perf_counter() - t
 
         artifacts = {}
@@ -244,10 +247,15 @@ def plot_frontier(candidates, chosen, targets, profile, path: Path) -> None:
         ax.scatter([], [], marker=m, color="grey", label=f"-{drop} layers")
     if targets.decode_tok_s_min:
         ax.axvline(targets.decode_tok_s_min, color="red", ls="--", lw=1, label=f"target {targets.decode_tok_s_min:g} tok/s")
+    if not scored:  # nothing was scored: show where every candidate lands on the latency axis
+        ax.scatter([c.prediction.decode_tok_s for c in candidates], [1.0] * len(candidates), marker="|", s=200, color="grey",
+                   label="candidates (not scored)")
+        ax.text(0.5, 0.6, "no candidate meets the targets", transform=ax.transAxes, ha="center", color="red")
     if chosen is not None:
         ax.scatter(chosen.prediction.decode_tok_s, max(chosen.quality, 1e-5), marker="*", s=320, color="gold",
                    edgecolors="black", zorder=5, label=f"chosen: {chosen.label}")
-    ax.set_yscale("log")
+    if scored:
+        ax.set_yscale("log")
     ax.set_xlabel(f"predicted decode tokens/s on {profile.name}")
     ax.set_ylabel("quality loss: KL(dense || candidate), nats/token")
     ax.set_title(f"edgeprune fit --profile {profile.name}: quality-latency frontier (black edge = meets all targets)", fontsize=9)

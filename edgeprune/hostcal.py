@@ -12,8 +12,16 @@ fits the constants of `edgeprune.latency` by least squares:
 `validate_model` then benchmarks held-out SmolLM2-like geometries (dense, FFN-pruned, non-uniform,
 layer-dropped, KV-group-pruned) and reports predicted-vs-measured % errors.
 
+Measuring on a shared machine: every shape is exported first, then all are timed round-robin
+(`rounds` passes), and the figures are the lower quartile of the pooled samples (per decode step,
+per prefill), so slow drifts of other jobs' load hit every shape alike and contention (which only
+ever adds time) is filtered. `timing="cpu"` with `threads=1` times the CPU time of the calling
+thread (llama.cpp and onnxruntime both compute on it with one thread): on the 2-core development
+VM this is what made the fit reproducible; two llama.cpp threads next to other jobs ran 4x slower.
+Calibration and held-out shapes can be measured in the same session (`run_calibration(heldout=)`).
+
 Caveat for x86 hosts: models smaller than the last-level cache run faster than the bandwidth
-term predicts; calibration and validation shapes are kept above ~40 MB (this host's L3 is 32 MB).
+term predicts; calibration and validation shapes are kept above ~45 MB (this host's L3 is 32 MB).
 """
 
 from __future__ import annotations
@@ -39,6 +47,16 @@ from edgeprune.latency import (BACKEND_FORMAT, BACKENDS, LatencyConstants, Model
 Progress = Callable[[str], None] | None
 
 DEFAULT_DTYPE = {"llama.cpp": "q8_0", "onnxruntime": "int8"}
+
+
+def default_dtype(backend: str) -> str:
+    """q8_0 for llama.cpp; int8 for onnxruntime (f32 while the ONNX quantizing exporter is missing)."""
+    if backend == "onnxruntime":
+        try:
+            import edgeprune.exporters.onnx  # noqa: F401
+        except ImportError:
+            return "f32"
+    return DEFAULT_DTYPE[backend]
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +148,7 @@ def build_model(shape: SynthShape, seed: int = 0):
     import torch
 
     from edgeprune.arch import head_dim, keep_layers, layers, resize_layer
-    from edgeprune.testing import tiny_llama, tiny_tokenizer
+    from edgeprune.testing import tiny_llama
 
     tok = _tokenizer()
     model, tok = tiny_llama(tok, hidden=shape.hidden, layers=shape.layers, heads=shape.heads,
@@ -213,7 +231,7 @@ def backend_available(backend: str) -> tuple[bool, str]:
         elif backend == "onnxruntime":
             import onnxruntime  # noqa: F401
 
-            from edgeprune.exporters.onnx import export_onnx  # noqa: F401
+            from edgeprune.exporters.onnx_graph import build_decoder  # noqa: F401
             from edgeprune.exporters.onnx_runtime import OnnxDecoder  # noqa: F401
         else:
             return False, f"unknown backend {backend}"
@@ -234,11 +252,22 @@ def export_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, pro
         say(f"{shape.name}: exporting {dtype} GGUF")
         export_gguf(model, tok, path, dtype=dtype, verify=False)
     else:
-        from edgeprune.exporters.onnx import export_onnx
-
-        path = workdir / f"{shape.name}.{dtype}.onnx"
+        path = workdir / f"{shape.name}.{dtype}.onnx-dir"  # an ONNX export is a directory
         say(f"{shape.name}: exporting {dtype} ONNX")
-        export_onnx(model, tok, path, **_onnx_export_kwargs(dtype))
+        try:
+            from edgeprune.exporters.onnx import export_onnx
+        except ImportError:
+            export_onnx = None
+        if export_onnx is not None:
+            export_onnx(model, tok, path, **_onnx_export_kwargs(dtype))
+        elif dtype == "f32":  # the graph writer alone (no quantizer) is enough for fp32
+            from edgeprune.exporters.onnx_graph import build_decoder
+            from edgeprune.exporters.onnx_runtime import MODEL_FILE
+
+            path.mkdir(parents=True, exist_ok=True)
+            build_decoder(model, path / MODEL_FILE)
+        else:
+            raise EdgepruneError(f"ONNX {dtype} needs edgeprune.exporters.onnx (not installed yet); use dtype f32")
     del model
     gc.collect()
     return path, geometry
@@ -415,7 +444,7 @@ def _onnx_export_kwargs(dtype: str) -> dict:
     params = inspect.signature(export_onnx).parameters
     kw: dict = {}
     if "dtype" in params:
-        kw["dtype"] = dtype
+        kw["dtype"] = {"f32": "fp32"}.get(dtype, dtype)  # the ONNX exporter's names: fp32, int8, int4
     elif "quantize" in params:
         kw["quantize"] = None if dtype in ("f32", "f16") else dtype
     if "verify" in params:
@@ -480,6 +509,7 @@ class Fit:
     compute_gops: dict
     prefill_layer_token_overhead_ms: float
     prefill_overhead_ms: float
+    dtype_bandwidth_gbps: dict = field(default_factory=dict)
     decode_rel_err: list = field(default_factory=list)
     prefill_rel_err: list = field(default_factory=list)
 
@@ -494,20 +524,21 @@ def fit_constants(measurements: Sequence[Measurement], backend: str, kv_dtype: s
     """
     if len(measurements) < 3:
         raise EdgepruneError(f"calibration needs at least 3 measured shapes, got {len(measurements)}")
+    dtypes = list(dict.fromkeys(m.dtype for m in measurements))  # first = the profile's default
     rows, y = [], []
     for m in measurements:
         g = ModelGeometry.from_dict(m.geometry)
         bc = byte_counts(g, m.dtype, backend, kv_dtype)
         b, L = decode_features(g, bc, m.decode_pos)
-        rows.append([b, L, 1.0])
+        rows.append([b if m.dtype == d else 0.0 for d in dtypes] + [L, 1.0])
         y.append(1.0 / m.decode_tok_s)
-    inv_bw, t_layer, t_token = nnls(rows, y, [1.0 / v for v in y])
-    if inv_bw <= 0:
+    dcoef = nnls(rows, y, [1.0 / v for v in y])
+    inv_bw, t_layer, t_token = dcoef[:-2], dcoef[-2], dcoef[-1]
+    if any(ib <= 0 for ib in inv_bw):
         raise EdgepruneError("calibration could not separate the bandwidth term (decode time did not grow with "
                              "model bytes): the host is probably too busy; rerun with fewer other jobs")
-    dec_err = [(r[0] * inv_bw + r[1] * t_layer + r[2] * t_token) / v - 1.0 for r, v in zip(rows, y)]
+    dec_err = [sum(r_i * c_i for r_i, c_i in zip(r, dcoef)) / v - 1.0 for r, v in zip(rows, y)]
 
-    dtypes = sorted({m.dtype for m in measurements})
     prow, py = [], []
     for m in measurements:
         g = ModelGeometry.from_dict(m.geometry)
@@ -521,7 +552,9 @@ def fit_constants(measurements: Sequence[Measurement], backend: str, kv_dtype: s
             raise EdgepruneError(f"calibration could not fit prefill compute for {d}: prefill time did not grow "
                                  "with FLOPs (host too busy?)")
     pre_err = [sum(r_i * c_i for r_i, c_i in zip(r, coef)) / v - 1.0 for r, v in zip(prow, py)]
-    return Fit(bandwidth_gbps=1.0 / inv_bw / 1e9, layer_overhead_ms=t_layer * 1e3, token_overhead_ms=t_token * 1e3,
+    bws = {d: 1.0 / ib / 1e9 for d, ib in zip(dtypes, inv_bw)}
+    return Fit(bandwidth_gbps=bws[dtypes[0]], layer_overhead_ms=t_layer * 1e3, token_overhead_ms=t_token * 1e3,
+               dtype_bandwidth_gbps=bws if len(bws) > 1 else {},
                compute_gops={d: 1.0 / ic / 1e9 for d, ic in zip(dtypes, inv_c)},
                prefill_layer_token_overhead_ms=t_lt * 1e3, prefill_overhead_ms=t_p0 * 1e3,
                decode_rel_err=dec_err, prefill_rel_err=pre_err)
@@ -557,6 +590,18 @@ def host_description() -> dict:
         physical = cores
     return {"hostname": socket.gethostname(), "cpu": model, "cores": cores, "physical_cores": min(physical, cores),
             "ram": ram, "machine": platform.machine(), "system": platform.system()}
+
+
+def busy_warning(threads: int, timing: str, cores: int) -> str:
+    """A hint when other jobs load the machine and the timing mode will suffer from it ('' if fine)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return ""
+    if timing == "wall" and load > 0.5 * cores:
+        return (f"warning: load average {load:.1f} on {cores} cores: wall-clock timings will be slow and noisy "
+                f"(multi-threaded llama.cpp worst); for a fit on a shared machine use threads=1, timing='cpu'")
+    return ""
 
 
 def _isa() -> tuple[str, ...]:
@@ -599,7 +644,7 @@ def _dtypes_arg(backend: str, dtype) -> tuple[str, ...]:
     from edgeprune.profiles import FORMAT_DTYPES
 
     if dtype is None:
-        dts = (DEFAULT_DTYPE[backend],)
+        dts = (default_dtype(backend),)
     elif isinstance(dtype, str):
         dts = tuple(d.strip() for d in dtype.split(",") if d.strip())
     else:
@@ -636,6 +681,9 @@ def run_calibration(backend: str = "llama.cpp", dtype=None, threads: int | None 
     repeats = repeats or (3 if quick else 5)
     shapes = list(shapes) if shapes is not None else calibration_shapes(quick)
     say = progress or (lambda m: None)
+    busy = busy_warning(threads, timing, host["cores"])
+    if busy:
+        say(busy)
     kv_dtype = "f16" if backend == "llama.cpp" else "f32"
     prefill_logits = "last" if backend == "llama.cpp" else "all"
     start = time.perf_counter()
@@ -669,7 +717,8 @@ def _make_profile(fit: Fit, backend, dtypes, threads, host, version, kv_dtype, p
         compute_gops={d: _sig(v) for d, v in fit.compute_gops.items()},
         layer_overhead_ms=_sig(fit.layer_overhead_ms), token_overhead_ms=_sig(fit.token_overhead_ms),
         prefill_layer_token_overhead_ms=_sig(fit.prefill_layer_token_overhead_ms),
-        prefill_overhead_ms=_sig(fit.prefill_overhead_ms), kv_dtype=kv_dtype, prefill_logits=prefill_logits)
+        prefill_overhead_ms=_sig(fit.prefill_overhead_ms), kv_dtype=kv_dtype, prefill_logits=prefill_logits,
+        dtype_bandwidth_gbps={d: _sig(v) for d, v in fit.dtype_bandwidth_gbps.items()})
     fmt = BACKEND_FORMAT[backend]
     mad = lambda xs: 100 * statistics.mean(abs(x) for x in xs) if xs else 0.0  # noqa: E731
     notes = (f"{n_shapes} synthetic random-weight shapes x {', '.join(dtypes)}, {threads} threads, prompt "
@@ -679,6 +728,7 @@ def _make_profile(fit: Fit, backend, dtypes, threads, host, version, kv_dtype, p
     if base_profile is not None:
         base = load_profile(base_profile)
         return replace(base, name=name, latency=constants, latency_version=version,
+                       hardware=replace(base.hardware, threads=threads),
                        export=replace(base.export, format=fmt, dtypes=tuple(dtypes)),
                        provenance=Provenance(sources=tuple(sources) + base.provenance.sources,
                                              estimates=tuple(e for e in base.provenance.estimates
@@ -708,7 +758,11 @@ def calibrate_host(backend: str = "llama.cpp", dtype=None, threads: int | None =
 
     backend: "llama.cpp" (GGUF) or "onnxruntime" (ONNX). dtype: one dtype or several ("q8_0,q4_0");
     default q8_0 / int8. threads: default the physical cores. out: the TOML to write (None: don't).
-    quick: 6 shapes, 32 generated tokens, 3 repeats (a few minutes on 2 cores) instead of 8/64/5.
+    quick: 6 shapes, 32 generated tokens, 3 repeats per round (a few minutes on 2 cores) instead of 8/64/5.
+    timing: "wall" (default) or "cpu" (needs threads=1; use it on a busy/shared machine).
+    rounds: round-robin timing passes (default 2). heldout: extra shapes measured in the same
+    session and reported in the result's `validation` (via run_calibration; calibrate_host only
+    returns the profile, record= keeps everything).
     base_profile: keep that profile's hardware/memory/targets/export and replace its [latency]
     (calibrating *on* a device). record: also write the measurements and fit as JSON there.
     Returns the Profile (also written to `out`).

@@ -12,8 +12,8 @@ Decode (one token, memory-bound on every device edgeprune targets)::
               input embedding, the norms and biases;
     KV_token  bytes of K and V cache per token of context (2 * sum_l n_kv_l * head_dim * kv bytes);
     pos       tokens already in the cache (the prompt length when decode starts);
-    bw_eff    effective memory bandwidth (profile `[latency] bandwidth_gbps`, measured, never the
-              datasheet peak);
+    bw_eff    effective memory bandwidth (profile `[latency] bandwidth_gbps`, or per export dtype
+              `[latency.dtype_bandwidth_gbps]`; measured, never the datasheet peak);
     t_layer   per-layer fixed cost (thread barriers, norms, rope, softmax, kernel launches);
     t_token   per-token fixed cost (sampling, logits copy, graph setup).
 
@@ -25,7 +25,9 @@ Prefill (P prompt tokens, compute-bound)::
               + 2 * (head params) * (1 or P)                         lm_head: llama.cpp computes
                                                                      logits for the last token only;
                                                                      an ONNX graph usually for all P
-              + 2 * P * (P + 1) * sum_l n_heads_l * head_dim          causal attention (QK^T and AV)
+              + 2 * P * (P + 1) * sum_l n_heads_l * head_dim          causal attention (QK^T and AV;
+                                                                     an ONNX graph computes the masked
+                                                                     half too: absorbed by its C)
     C[dtype]  effective compute, GOPS, per weight dtype (profile `[latency.compute_gops]`);
     W_prefill bytes of every weight touched once;
     t_layer_token  non-matmul work per layer per prompt token (norms, rope, activations, softmax):
@@ -49,15 +51,19 @@ Bytes per weight by dtype (block formats include their scales):
                  = 6.56 bits) for attn_v and ffn_down in the layers llama.cpp's `use_more_bits` rule
                  picks (first and last eighth, and every third layer between), Q6_K for the output /
                  tied embedding. K-quants need rows (input dim) % 256 == 0; otherwise llama.cpp falls
-                 back to Q5_0 for Q4_K and Q8_0 for Q6_K (SmolLM2's d = 576 falls back).
-    int8         1 B + an f32 scale per output row (onnxruntime dynamic / weight-only int8)
-    int4         MatMulNBits, block 32: 16 B nibbles + f32 scale + 4-bit zero point = 20.5 B / 32
+                 back to Q5_0 for Q4_K and Q8_0 for Q6_K (SmolLM2's d = 576 would; edgeprune's
+                 exporter refuses such K-quant exports instead, see `export_problem`).
+    int8         onnxruntime MatMulNBits 8-bit, block 32, symmetric: 32 B + f32 scale = 36 B / 32
+    int4         MatMulNBits 4-bit, block 32, symmetric: 16 B + f32 scale = 20 B / 32
+                 (exporters/onnx.py's settings: weight-only, accuracy_level 4)
 
 GGUF exports store the tied embedding / lm_head as edgeprune's exporter does: f32, f16 and q8_0 as
 the weights; q4_0 keeps it in Q8_0 (the exporter's rule: the output projection is the most
 sensitive matrix); q4_k_m uses llama.cpp's quantizer rule, Q6_K (Q8_0 when hidden % 256 != 0).
-Override with `head_dtype`. ONNX exports quantize the lm_head MatMul with the weights and keep
-the embedding Gather in f32 (a second copy when tied and quantized).
+Override with `head_dtype`. ONNX exports (exporters/onnx.py): fp32 reads a
+tied head from the embedding table in place (one copy); int8/int4 give the lm_head its own
+quantized MatMul copy; the embedding Gather stays fp32 for int8 and is 4-bit
+(GatherBlockQuantized, block 32) for int4.
 
 All constants are per device and per backend; `edgeprune.hostcal` fits them on the host.
 """
@@ -75,7 +81,7 @@ if TYPE_CHECKING:  # edgeprune.arch imports torch; keep `profiles list` fast
 
 # Weight dtypes a user can ask for, per export format.
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
-ONNX_DTYPES = ("f32", "f16", "int8", "int4")
+ONNX_DTYPES = ("f32", "int8", "int4")  # exporters/onnx.py: fp32, int8, int4
 DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "int8", "int4")
 BACKENDS = ("llama.cpp", "onnxruntime")
 BACKEND_FORMAT = {"llama.cpp": "gguf", "onnxruntime": "onnx"}
@@ -90,8 +96,8 @@ STORAGE_BYTES = {
     "q4_0": 18 / 32,
     "q4_k": 144 / 256,
     "q6_k": 210 / 256,
-    "int8": 1.0,  # + per-row f32 scale, added in _tensor_bytes
-    "int4": 20.5 / 32,
+    "int8": 36 / 32,  # MatMulNBits 8-bit, block 32, symmetric: 32 B + f32 scale
+    "int4": 20 / 32,  # MatMulNBits 4-bit, block 32, symmetric: 16 B + f32 scale
 }
 K_QUANT_FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}
 
@@ -285,10 +291,7 @@ def tensor_storage(dtype: str, backend: str, role: str, layer: int, n_layers: in
 
 
 def _tensor_bytes(storage: str, out_f: int, in_f: int) -> float:
-    b = out_f * in_f * STORAGE_BYTES[storage]
-    if storage == "int8":
-        b += 4 * out_f
-    return b
+    return out_f * in_f * STORAGE_BYTES[storage]
 
 
 @dataclass
@@ -336,12 +339,36 @@ def byte_counts(geometry: ModelGeometry, dtype: str, backend: str = "llama.cpp",
         emb_st = head_st if g.tied else {"q4_0": "q8_0", "q4_k_m": _k_quant("q4_k", g.hidden)}.get(dtype, dtype)
         emb_stored = 0.0 if g.tied else _tensor_bytes(emb_st, g.vocab, g.hidden)
     else:
-        # ONNX: the embedding Gather stays in the float type; a quantized head is a second copy
-        emb_st = "f16" if dtype == "f16" else "f32"
-        emb_stored = 0.0 if (g.tied and head_st == emb_st) else _tensor_bytes(emb_st, g.vocab, g.hidden)
+        # ONNX: the Gather table is fp32 (int4: 4-bit GatherBlockQuantized); a quantized head is a second copy
+        emb_st = "int4" if dtype == "int4" else "f32"
+        shared = g.tied and dtype == "f32" and head_dtype is None  # fp32 Gemm reads the table in place
+        emb_stored = 0.0 if shared else _tensor_bytes(emb_st, g.vocab, g.hidden)
     emb_row = _tensor_bytes(emb_st, 1, g.hidden)
     kv = g.kv_elements_per_token() * KV_DTYPES[kv_dtype]
     return ByteCounts(layer_bytes, small, head, emb_row, emb_stored, kv, storage)
+
+
+def export_problem(geometry: ModelGeometry, dtype: str) -> str | None:
+    """Why `geometry` cannot be exported as GGUF `dtype` (block sizes), or None when it can.
+
+    Quantized rows (a weight's input dimension: hidden, n_heads * head_dim, ffn) must be whole
+    blocks: 32 for q8_0/q4_0, 256 for K-quants (exporters/gguf.py refuses otherwise). Lets the
+    fit skip dtypes without building the model.
+    """
+    dtype = normalize_dtype(dtype)
+    block = {"q8_0": 32, "q4_0": 32, "q4_k_m": 256}.get(dtype)
+    if block is None:
+        return None
+    rows = {"hidden": geometry.hidden}
+    for i, s in enumerate(geometry.layers):
+        if s.n_heads:
+            rows[f"layer {i} attention output ({s.n_heads} heads x {geometry.head_dim})"] = s.n_heads * geometry.head_dim
+        if s.ffn:
+            rows[f"layer {i} FFN"] = s.ffn
+    for what, n in rows.items():
+        if n % block:
+            return f"{dtype} needs rows that are multiples of {block}; {what} is {n}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,6 +388,12 @@ class LatencyConstants:
     prefill_overhead_ms: float = 0.0  # per prefill call
     kv_dtype: str = "f16"
     prefill_logits: str = "last"  # "last" (llama.cpp) or "all" (ONNX graphs without slicing)
+    dtype_bandwidth_gbps: dict = field(default_factory=dict)  # optional per-dtype decode bandwidth
+
+    def bandwidth_for(self, dtype: str) -> float:
+        """Effective decode bandwidth for an export dtype: dequantizing kernels differ (on one x86
+        thread q4_0 streams at 8.4 GB/s where q8_0 reaches 10.8), so a profile may set it per dtype."""
+        return float(self.dtype_bandwidth_gbps.get(dtype, self.bandwidth_gbps))
 
     def compute_for(self, dtype: str) -> float:
         c = self.compute_gops.get(dtype)
@@ -413,6 +446,20 @@ class Prediction:
     def memory_bytes(self) -> float:
         return self.memory.total
 
+    def describe(self) -> str:
+        """Three lines with every term of the formulas (for `fit`/`predict` output)."""
+        t = self.terms
+        return (
+            f"decode {self.decode_tok_s:.1f} tok/s = 1 / ({t['decode_bytes_ms']:.2f} ms bytes "
+            f"[{t['weights_read_bytes'] / 1e6:.1f} MB weights + {t['decode_kv_bytes'] / 1e6:.1f} MB KV] + "
+            f"{t['decode_layers_ms']:.2f} ms layers + {t['decode_token_ms']:.2f} ms token)\n"
+            f"prefill/TTFT {self.prefill_s:.3f} s for {self.prompt_tokens} tokens = max({t['prefill_compute_ms']:.0f} ms compute "
+            f"[{t['prefill_gflop']:.1f} GFLOP], {t['prefill_read_ms']:.0f} ms read) + {t['prefill_layers_ms']:.0f} ms layers + "
+            f"{t['prefill_fixed_ms']:.0f} ms fixed\n"
+            f"memory {self.memory.total / 1e6:.1f} MB = {self.memory.weights / 1e6:.1f} weights + "
+            f"{self.memory.kv_cache / 1e6:.1f} KV ({self.context} tokens) + {self.memory.buffers / 1e6:.1f} buffers"
+        )
+
     def to_dict(self) -> dict:
         return {"dtype": self.dtype, "backend": self.backend, "prompt_tokens": self.prompt_tokens,
                 "context": self.context, "decode_pos": self.decode_pos,
@@ -450,7 +497,7 @@ def predict(geometry: ModelGeometry, dtype: str, constants: LatencyConstants, pr
         raise EdgepruneError("latency constants: bandwidth_gbps must be positive")
     bc = byte_counts(geometry, dtype, c.backend, c.kv_dtype, head_dtype)
     pos = prompt_tokens if decode_pos is None else int(decode_pos)
-    bw = c.bandwidth_gbps * 1e9
+    bw = c.bandwidth_for(dtype) * 1e9
     L = geometry.n_layers
 
     # decode

@@ -57,17 +57,19 @@ The "condition" neuron metric (COMP's metric was not retrieved; this is edgeprun
   that are nearly collinear with the rest -- the ones that make G ill-conditioned -- have a large
   VIF and a small e_j: they can go, because the others can stand in for them. Plain activation
   norm is e_j with VIF_j = 1 (no redundancy credited) and no weight norm.
-  Selection is greedy in chunks of 16: remove the chunk with the smallest e_j, update M by the
-  Schur complement (M_AA - M_AS M_SS^-1 M_SA is the inverse of G restricted to the survivors)
-  and W's survivors by the OBS compensation W_A -= W_S M_SS^-1 M_SA, re-score, repeat. So two
-  duplicated channels are not both removed because each looks redundant alone. The refit is
+  Selection is greedy, one channel at a time: remove the channel with the smallest e_j, update M
+  to the inverse of G restricted to the survivors (rank-one Schur complement M - M_:j M_j: / M_jj)
+  and W by the OBS compensation W -= W_:j M_j: / M_jj, re-score, repeat. So two duplicated
+  channels are not both removed because each looks redundant while the other is there. The refit is
   only used for scoring; the weights are changed by the chosen recovery (`lstsq` realises the
   refit the metric assumes; COMP's mask tuning realises only its diagonal part).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -87,7 +89,7 @@ NATIVE_RECOVERY = {"cfsp": "none", "uniform": "none", "flap": "bias", "fasp": "l
 DEFAULT_SCORE = {"cfsp": "cfsp", "uniform": "cfsp", "flap": "flap", "fasp": "wanda-sp", "comp": "condition"}
 DEFAULT_TARGET = {"cfsp": "ffn", "uniform": "ffn", "flap": "linear", "fasp": "ffn", "comp": "ffn"}
 CONDITION_RIDGE = 1e-3
-CONDITION_CHUNK = 16
+CONDITION_CHUNK = 64
 
 
 # ------------------------------------------------------------------------------------ options
@@ -196,19 +198,30 @@ def make_method_plan(
         plan = _flap_plan(model, stats, base, heads=opts["heads"], **common)
     else:
         plan = _ranked_plan(model, stats, base, opts["allocation"], opts["score"], opts["heads"], **common)
-    plan.method.update({"method": method, "allocation": opts["allocation"], "score": opts["score"], "heads": opts["heads"],
-                        "recover": opts["recover"], "recover_args": opts["recover_args"]})
-    from edgeprune.recover import bias_flags
-
-    ffn_b, attn_b = bias_flags(opts["recover"], opts["recover_args"])
-    n_kv = base["kv_heads"]
-    for lp in plan.layers:
-        lp.ffn_bias = ffn_b and len(lp.ffn_keep) < base["ffn"]
-        lp.attn_out_bias = attn_b and len(lp.kv_keep) < n_kv
+    plan.method.update({"method": method, "allocation": opts["allocation"], "score": opts["score"], "heads": opts["heads"]})
+    plan = with_recovery(plan, opts["recover"], opts["recover_args"])
     plan.achieved = achieved(model, plan)
     if opts["heads"]:
         plan.achieved["kv_groups"] = [len(lp.kv_keep) for lp in plan.layers]
     return plan
+
+
+def with_recovery(plan: PrunePlan, recover: str | None, recover_args: dict | None = None) -> PrunePlan:
+    """A copy of `plan` that records `recover` and carries the bias flags it needs (same kept units).
+
+    Lets one selection be tried with several recoveries without re-planning."""
+    from edgeprune.recover import bias_flags, check_recover_args
+
+    method = plan.method.get("method", plan.method.get("allocation", "cfsp"))
+    steps = parse_recover(recover, method if method in METHODS else "cfsp")
+    args = check_recover_args(steps, {k: v for k, v in (recover_args or {}).items() if v is not None})
+    new = PrunePlan.from_dict(json.loads(plan.to_json()))
+    new.method.update({"recover": "+".join(steps) or "none", "recover_args": args})
+    ffn_b, attn_b = bias_flags(new.method["recover"], args)
+    for lp in new.layers:
+        lp.ffn_bias = ffn_b and len(lp.ffn_keep) < new.base["ffn"]
+        lp.attn_out_bias = attn_b and len(lp.kv_keep) < new.base["kv_heads"]
+    return new
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -426,8 +439,33 @@ def _ridge_inverse(g: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.pinv(a, hermitian=True)
 
 
+_ORDER_CACHE: dict = {}  # id(ChannelStats) -> (weakref, weight data_ptr, ridge, removal order so far)
+
+
 def condition_keep(layer, block, width: int, ridge: float = CONDITION_RIDGE, chunk: int = CONDITION_CHUNK) -> list[int]:
-    """Greedy OBS-style removal by the condition metric down to `width` channels (sorted kept indices)."""
+    """Greedy OBS-style removal by the condition metric down to `width` channels (sorted kept indices).
+
+    The greedy order does not depend on the target width, so the removal order is cached per
+    (calibration statistics, weights): planning several sparsities costs one pass per layer."""
+    n = layer.mlp.down_proj.in_features
+    w = layer.mlp.down_proj.weight
+    key = id(block.ffn)
+    hit = _ORDER_CACHE.get(key)
+    if hit and hit[0]() is block.ffn and hit[1] == (w.data_ptr(), tuple(w.shape)) and hit[2] == ridge and len(hit[3]) >= n - width:
+        order = hit[3]
+    else:
+        order = condition_order(layer, block, n - width, ridge, chunk)
+        _ORDER_CACHE[key] = (weakref.ref(block.ffn), (w.data_ptr(), tuple(w.shape)), ridge, order)
+    removed = set(order[: n - width])
+    return [j for j in range(n) if j not in removed]
+
+
+def condition_order(layer, block, n_remove: int, ridge: float = CONDITION_RIDGE, chunk: int = CONDITION_CHUNK) -> list[int]:
+    """The first `n_remove` channels in the greedy removal order (see the module docstring).
+
+    Exact one-at-a-time greedy: after each removal the inverse Gram M and the compensated W are
+    updated (rank one), so a channel stops looking redundant once its stand-in is gone. The rank-one
+    updates of M are kept as factors and folded in every `chunk` removals (one matrix product)."""
     g = block.ffn.gram
     if g is None:
         raise EdgepruneError("the condition score needs Gram matrices: calibrate with gram=True")
@@ -435,18 +473,28 @@ def condition_keep(layer, block, width: int, ridge: float = CONDITION_RIDGE, chu
     m = _ridge_inverse(g, ridge)
     w = layer.mlp.down_proj.weight.detach().double().clone()
     alive = torch.arange(n)
-    while len(alive) > width:
-        c = min(chunk, len(alive) - width)
-        e = w.pow(2).sum(0) / m.diagonal().clamp_min(1e-300)
-        order = np.lexsort((alive.numpy(), e.numpy()))  # smallest error first, ties by channel index
-        s = torch.as_tensor(np.sort(order[:c]))
-        mask = torch.ones(len(alive), dtype=torch.bool)
-        mask[s] = False
-        a = mask.nonzero().squeeze(1)
-        m_ss = m[s][:, s]
-        m_sa = m[s][:, a]
-        solve = torch.linalg.solve(m_ss, m_sa)  # M_SS^-1 M_SA
-        w = w[:, a] - w[:, s] @ solve
-        m = m[a][:, a] - m[a][:, s] @ solve
-        alive = alive[a]
-    return sorted(int(i) for i in alive)
+    order: list[int] = []
+    while len(order) < n_remove:
+        c = min(chunk, n_remove - len(order))
+        diag = m.diagonal().clone()
+        wn = w.pow(2).sum(0)
+        f = torch.zeros(c, len(alive), dtype=torch.float64)  # rank-one factors: current M = m - f^T f
+        gone = torch.zeros(len(alive), dtype=torch.bool)
+        for t in range(c):
+            e = wn / diag.clamp_min(1e-300)
+            e[gone] = math.inf
+            j = int(torch.argmin(e))  # ties: the lowest position (= lowest channel index)
+            col = m[:, j] - f[:t].T @ f[:t, j]
+            pivot = max(float(col[j]), 1e-300)
+            w -= torch.outer(w[:, j], col / pivot)  # OBS: zero column j, compensate the others
+            f[t] = col / math.sqrt(pivot)
+            diag -= f[t] * f[t]
+            wn = w.pow(2).sum(0)
+            gone[j] = True
+            order.append(int(alive[j]))
+        m = m - f.T @ f
+        keep = (~gone).nonzero().squeeze(1)
+        m = m[keep][:, keep]
+        w = w[:, keep]
+        alive = alive[keep]
+    return order

@@ -124,15 +124,53 @@ def save_hf(model, tokenizer, out: Path) -> None:
     _save_tokenizer(tokenizer, out)
 
 
+def _gguf_field(reader, key: str):
+    field_ = reader.fields.get(key)
+    return None if field_ is None else field_.contents()
+
+
+def _fix_tokenizer_from_gguf(tokenizer, path: Path):
+    """Make the transformers-converted tokenizer match the GGUF's own metadata.
+
+    transformers 4.57's GGUF conversion sets eos to the BOS token, always adds BOS and drops
+    SmolLM's digit-splitting pre-tokenizer; llama.cpp follows the metadata, so the torch side
+    must too or every comparison between them is off by a token."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    specials = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+                "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}
+    for name, key in specials.items():
+        token_id = _gguf_field(reader, key)
+        if token_id is not None and 0 <= int(token_id) < len(tokenizer):
+            setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
+    add_bos = _gguf_field(reader, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None:
+        tokenizer.add_bos_token = bool(add_bos)
+        tokenizer.update_post_processor()
+    if _gguf_field(reader, "tokenizer.ggml.pre") == "smollm":
+        from tokenizers import pre_tokenizers
+
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ])
+    return tokenizer
+
+
+# Bump when the conversion changes, so stale cached conversions are not reused.
+_CONVERSION_VERSION = "2"
+
+
 def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:
-    target = cache_dir() / "gguf" / digest[:24]
+    target = cache_dir() / "gguf" / f"{digest[:24]}-v{_CONVERSION_VERSION}"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
         progress(f"converting {path.name} to a torch checkpoint (once; cached in {target})")
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = _fix_tokenizer_from_gguf(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))

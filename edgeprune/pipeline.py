@@ -9,6 +9,7 @@ from edgeprune import arch
 from edgeprune.calibrate import CalibrationStats, calibrate
 from edgeprune.checkpoint import save_pruned
 from edgeprune.data import calibration_ids
+from edgeprune.apply import apply_plan
 from edgeprune.exporters.common import atomic_dir
 from edgeprune.plan import PrunePlan, base_description
 from edgeprune.prune import pruned_copy
@@ -42,7 +43,7 @@ def _recalibrate_for(lm, plan: PrunePlan, progress=None):
 
 
 def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePlan | None = None, report: dict | None = None,
-                   ids=None, progress=None, **plan_args):
+                   ids=None, progress=None, inplace: bool = False, **plan_args):
     """Make (or re-apply) a plan, prune a copy of the dense model, run the plan's recovery, and write
     checkpoint + plan + report + PNG atomically. `plan_args` go to methods.make_method_plan.
 
@@ -64,7 +65,11 @@ def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePla
         ids, stats, cal_t = _recalibrate_for(lm, plan, progress)
         timings.update({f"recovery_{k}": v for k, v in cal_t.items()})
     t = time.perf_counter()
-    pruned = pruned_copy(lm.model, plan)
+    if inplace and not need["stats"]:  # recovery compares with the dense model: keep it then
+        apply_plan(lm.model, plan)
+        pruned = lm.model
+    else:
+        pruned = pruned_copy(lm.model, plan)
     timings["apply_s"] = time.perf_counter() - t
     recovery = {}
     if need["stats"]:

@@ -21,7 +21,8 @@ W = the dense consuming matrix (d x n), T = calibration tokens, mu = mean of X.
   lora   (CFSP's IG-LoRA) low-rank adapters B·A on every linear layer of the kept blocks, rank
                  of block l = lora_rank · w_l (rounded, >= 1) with w_l = D_l / mean D ("importance",
                  default), (1/D_l) / mean(1/D) ("inverse") or 1 ("uniform"); D_l = angular
-                 distance of the dense block. A few hundred AdamW steps of next-token loss on the
+                 distance of the dense block. A few hundred AdamW steps (lora_batch rows of
+                 lora_seqlen tokens, warm-up then linear decay) of next-token loss on the
                  calibration token ids, then W += (alpha/r)·B·A is merged: the saved model is a
                  plain Llama again (no adapter modules, same shapes).
 
@@ -46,7 +47,7 @@ DEFAULTS = {
     "bias": {},
     "lstsq": {"lstsq_ridge": 1e-2, "lstsq_intercept": True},
     "mask": {"mask_ridge": 1e-2, "mask_clip": [0.5, 2.0], "mask_intercept": False},
-    "lora": {"lora_steps": 200, "lora_rank": 8, "lora_lr": 5e-4, "lora_batch": 4, "lora_direction": "importance",
+    "lora": {"lora_steps": 200, "lora_rank": 8, "lora_lr": 5e-4, "lora_batch": 2, "lora_seqlen": 128, "lora_direction": "importance",
              "lora_alpha": 2.0, "lora_seed": 0},
 }
 LORA_DIRECTIONS = ("importance", "inverse", "uniform")
@@ -76,6 +77,8 @@ def check_recover_args(steps: list[str], args: dict) -> dict:
         raise EdgepruneError(f"--lora-rank must be a positive integer, got {out['lora_rank']}")
     if "lora_batch" in out and out["lora_batch"] < 1:
         raise EdgepruneError(f"lora_batch must be >= 1, got {out['lora_batch']}")
+    if "lora_seqlen" in out and out["lora_seqlen"] < 8:
+        raise EdgepruneError(f"lora_seqlen must be >= 8, got {out['lora_seqlen']}")
     if "lora_lr" in out and not out["lora_lr"] > 0:
         raise EdgepruneError(f"lora_lr must be positive, got {out['lora_lr']}")
     if out.get("lora_direction", "importance") not in LORA_DIRECTIONS:
@@ -295,6 +298,9 @@ def lora_recover(pruned, plan: PrunePlan, stats: CalibrationStats, ids: torch.Te
     start = time.perf_counter()
     device = next(pruned.parameters()).device
     ids = ids.to(device)
+    if ids.shape[1] > args["lora_seqlen"]:  # train on shorter rows: same tokens, cheaper steps
+        per = ids.shape[1] // args["lora_seqlen"]
+        ids = ids[:, : per * args["lora_seqlen"]].reshape(-1, args["lora_seqlen"])
     ranks = lora_ranks([stats.blocks[lp.index].angular for lp in plan.layers], args["lora_rank"], args["lora_direction"])
     eval_ids = ids[: min(len(ids), 8)]
     loss_before = lm_loss(pruned, eval_ids)
@@ -322,7 +328,7 @@ def lora_recover(pruned, plan: PrunePlan, stats: CalibrationStats, ids: torch.Te
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if progress:
                 progress("LoRA recovery", step + 1, steps)
     finally:

@@ -7,14 +7,19 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False)  # results may contain [brackets]
 
 
 def info(msg: str) -> None:
-    err.print(f"[dim]•[/dim] {msg}")
+    err.print(f"[dim]•[/dim] {escape(str(msg))}")
+
+
+def error(msg: str, label: str = "error") -> None:
+    err.print(f"[red]{label}:[/red] {escape(str(msg))}")
 
 
 def print_json(data) -> None:
@@ -32,7 +37,7 @@ def progress(quiet: bool = False):
             if done == total or done // step != last.get(label, -1):
                 last[label] = done // step
                 if not quiet:
-                    err.print(f"  {label}: {done}/{total}")
+                    err.print(f"  {escape(label)}: {done}/{total}")
 
         yield plain
         return

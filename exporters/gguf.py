@@ -63,10 +63,12 @@ K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY
 DTYPES = tuple(DIRECT_TYPES) + tuple(K_QUANTS)
 K_QUANT_BLOCK = 256  # K-quant super-block: every weight row must be a multiple of it
 
-# Sanity floors on top-1 agreement with torch for lossy types. They catch a broken export (wrong
-# permutation, wrong tokens), not a quality loss: SmolLM2-135M measured f16 0.998, q8_0 0.98,
-# q4_0 0.80 on the verification windows, and the tiny random test model is noisier.
-MIN_TOP1_LOSSY = {"f16": 0.95, "q8_0": 0.90, "q6_k": 0.85, "q5_k_m": 0.80, "q4_0": 0.60, "q4_k_m": 0.60}
+# Sanity floors on top-1 agreement with torch for lossy types: they catch a broken file, not a
+# quality loss (the tensor layout is already proven by the F32 path, and the q8_0/q4_0 blocks are
+# byte-identical to llama.cpp's own quantizer). Dense SmolLM2-135M measured top-1 / mean KL on the
+# 4 x 256 verification windows: f16 0.998 / 5e-6, q8_0 0.956 / 4e-3, q4_0 0.690 / 0.33 -- a
+# 135M model loses a lot at 4 bits, and a pruned one may lose more, hence the low 4-bit floor.
+MIN_TOP1_LOSSY = {"f16": 0.95, "q8_0": 0.85, "q6_k": 0.80, "q5_k_m": 0.70, "q4_0": 0.50, "q4_k_m": 0.50}
 
 # F32 files differ from torch only by summation order: mean KL is ~1e-6 (SmolLM2 6e-7), while a
 # dropped FLAP bias or a mis-permuted head gives 1e-1 and more. Checked with top-1 and greedy.
@@ -301,10 +303,12 @@ def write_gguf(model, tokenizer, path, arch: str, dtype: str, metadata: dict | N
         data, qtype = encode(name, arr, dtype)
         w.add_tensor(name, data, raw_dtype=qtype)
         n += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
     return n
 
 
@@ -473,12 +477,11 @@ def _write_spm_vocab(w, spec, id_to_tok, added, n_vocab, tokenizer) -> None:
     tokens, scores, types = [], [], []
     for i in range(n_vocab):
         tok = id_to_tok.get(i)
-        if tok is None:
-            tokens.append(f"[PAD{i}]"), scores.append(-1e9), types.append(T.UNUSED)
-            continue
-        tokens.append(tok)
+        tokens.append(tok if tok is not None else f"[PAD{i}]")
         scores.append(0.0 if i in added else -float(i))
-        if i == tokenizer.unk_token_id:
+        if tok is None:
+            types.append(T.UNUSED)
+        elif i == tokenizer.unk_token_id:
             types.append(T.UNKNOWN)
         elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tok):
             types.append(T.BYTE)
@@ -489,7 +492,8 @@ def _write_spm_vocab(w, spec, id_to_tok, added, n_vocab, tokenizer) -> None:
     w.add_token_types(types)
     # Llama-2 tokenizers prepend '▁' to the text; llama.cpp does it when add_space_prefix is set.
     text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
-    w.add_add_space_prefix('"Prepend"' in text or '"prepend_scheme": "always"' in text or '"prepend_scheme": "first"' in text or '"add_prefix_space": true' in text)
+    prepends = ('"Prepend"', '"prepend_scheme": "always"', '"prepend_scheme": "first"', '"add_prefix_space": true')
+    w.add_add_space_prefix(any(p in text for p in prepends))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,17 +507,23 @@ def _threads(n: int | None) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5  # ggml_log_level (DEBUG=1, INFO=2 come before them)
+
+
 @contextlib.contextmanager
 def _llamacpp_log():
     """Collect llama.cpp's warnings/errors (instead of printing them) for our one-line errors."""
     import llama_cpp
 
     lines: list[str] = []
+    keep = [False]  # whether the message being continued (level CONT) is one we collect
 
     @llama_cpp.llama_log_callback
     def collect(level, text, user_data):
-        if level in (2, 3):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-            lines.append(text.decode("utf-8", "replace").strip())
+        if level != _LOG_CONT:
+            keep[0] = level in (_LOG_WARN, _LOG_ERROR)
+        if keep[0]:
+            lines.append(" ".join(text.decode("utf-8", "replace").split()))
 
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
@@ -539,7 +549,9 @@ def open_llama(path, n_ctx: int = 512, n_threads: int | None = None, logits_all:
                 n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
-            reason = next((ln for ln in reversed(log) if ln), str(exc))
+            # the first complaint is the cause; "error loading model" carries the loader's reason
+            reasons = [ln for ln in log if ln][:1] + [ln for ln in log if "error loading model" in ln]
+            reason = "; ".join(dict.fromkeys(reasons)) or str(exc)
             raise EdgepruneError(f"llama.cpp cannot load {path}: {reason}") from None
 
 
@@ -580,20 +592,22 @@ def torch_greedy(model, prompt, n_new: int) -> list[int]:
     """Greedy continuation in torch with its KV cache (the reference for llamacpp_greedy)."""
     import torch
 
+    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model(torch.as_tensor(np.asarray(prompt, dtype=np.int64))[None], use_cache=True)
+        out = model(torch.as_tensor(np.asarray(prompt, dtype=np.int64), device=device)[None], use_cache=True)
         tokens: list[int] = []
         while True:
             tokens.append(int(out.logits[0, -1].argmax()))
             if len(tokens) == n_new:
                 return tokens
-            out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            step = torch.tensor([[tokens[-1]]], device=device)
+            out = model(step, past_key_values=out.past_key_values, use_cache=True)
 
 
 def _tokenizer_samples(tokenizer) -> list[str]:
     text = verification_text()[:3000]
-    chat = "The capital of France is Paris.  In 1889, 324 m!\n\n\tIt's   \"done\" — naïve café 😀\n"
-    samples = [text, chat]
+    tricky = "The capital of France is Paris.  In 1889, 324 m!\n\n\tIt's   \"done\" — naïve café 😀\n"
+    samples = [text, tricky]
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
     samples.append(f"{bos}user\nHi there{eos}\n")  # special tokens written in the text
@@ -620,7 +634,8 @@ def verify_gguf(model, tokenizer, path, dtype: str = "f32", windows=None, n_thre
     """Compare the GGUF in llama.cpp with the torch model; raise VerificationError below the bar.
 
     All dtypes: identical tokenization, top-1 agreement and mean KL on `windows`.
-    f32: top-1 >= MIN_TOP1_EXACT and the same GREEDY_TOKENS-token greedy continuation.
+    f32: top-1 >= MIN_TOP1_EXACT, mean KL <= MAX_KL_EXACT and the same GREEDY_TOKENS-token greedy
+    continuation (torch and llama.cpp each decoding with their own KV cache).
     Lossy dtypes: top-1 >= MIN_TOP1_LOSSY[dtype] (a sanity floor), greedy agreement reported.
     """
     from edgeprune.evaluate import compare_logits, torch_logits_fn
@@ -674,9 +689,10 @@ def quantize_with_llamacpp(src, dst, dtype: str, n_threads: int | None = None) -
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise EdgepruneError(f"llama.cpp could not quantize to {dtype}: {next((ln for ln in reversed(log) if ln), f'error {rc}')}")
-    fallback = [ln for ln in log if "falling back" in ln or "fallback" in ln]
+    fallback = [i for i, ln in enumerate(log) if "falling back" in ln]
     if fallback:  # belt and braces: the row check should make this impossible
-        raise EdgepruneError(f"llama.cpp fell back to another type while quantizing to {dtype}: {fallback[0]}")
+        i = fallback[0]  # the tensor name is in the line before "-> falling back to ..."
+        raise EdgepruneError(f"llama.cpp fell back to another type while quantizing to {dtype}: {' '.join(log[max(i - 1, 0):i + 1])}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ their own unit ("300MB", "2.5GB", "1.5GiB", "8s", "500ms", "8.7GB/s", "150GOPS")
                   prefill_layer_token_overhead_ms (per layer per prompt token), prefill_overhead_ms
                   (per prefill call), kv_dtype?, prefill_logits? ("last" | "all"), version?
     [latency.compute_gops]  dtype = effective prefill GOPS (1e9 ops/s), one per dtype used
+    [latency.dtype_bandwidth_gbps]  optional: dtype = decode GB/s where it differs from bandwidth_gbps
     [memory]      budget (bytes: weights + KV cache at `context` + runtime buffers), context
                   (tokens), runtime_overhead (bytes)
     [targets]     decode_tok_s_min, ttft_max_s (seconds, for a prompt of prompt_tokens),
@@ -291,6 +292,7 @@ _SCHEMA: dict[str, dict[str, tuple[Any, bool]]] = {
         "backend": (_BACKEND, True),
         "bandwidth_gbps": (parse_gbps, True),
         "compute_gops": (None, True),  # table, parsed separately
+        "dtype_bandwidth_gbps": (None, False),  # table, parsed separately
         "layer_overhead_ms": (parse_ms, False),
         "token_overhead_ms": (parse_ms, False),
         "prefill_layer_token_overhead_ms": (parse_ms, False),
@@ -366,16 +368,18 @@ class _Loader:
                 raise self.fail(f"[{name}] missing required key '{key}'")
         return out
 
-    def compute(self, raw: Any) -> dict[str, float]:
-        if not isinstance(raw, dict) or not raw:
-            raise self.fail("[latency.compute_gops] must be a table of dtype = GOPS, e.g. q8_0 = 80")
+    def dtype_table(self, raw: Any, table: str, parse, example: str, required: bool = True) -> dict[str, float]:
+        if raw is None and not required:
+            return {}
+        if not isinstance(raw, dict) or (required and not raw):
+            raise self.fail(f"[latency.{table}] must be a table of dtype = value, e.g. {example}")
         out = {}
         for key, value in raw.items():
             try:
                 dt = _dtype(key)
-                out[dt] = parse_gops(value)
+                out[dt] = parse(value)
             except _Err as exc:
-                raise self.fail(f"[latency.compute_gops] {key}: {exc}") from None
+                raise self.fail(f"[latency.{table}] {key}: {exc}") from None
         return out
 
     def dtypes(self, raw: Any, fmt: str) -> tuple[str, ...]:
@@ -417,7 +421,9 @@ def parse_profile(data: dict, where: str = "<memory>", default_name: str = "") -
     ex = ld.table(data, "export")
     pv = ld.table(data, "provenance")
 
-    compute = ld.compute(data["latency"].get("compute_gops"))
+    compute = ld.dtype_table(data["latency"].get("compute_gops"), "compute_gops", parse_gops, "q8_0 = 80")
+    dtype_bw = ld.dtype_table(data["latency"].get("dtype_bandwidth_gbps"), "dtype_bandwidth_gbps", parse_gbps,
+                              "q4_0 = 8.4", required=False)
     backend = lat["backend"]
     fmt = ex["format"]
     if BACKEND_FORMAT[backend] != fmt:
@@ -446,6 +452,7 @@ def parse_profile(data: dict, where: str = "<memory>", default_name: str = "") -
         prefill_overhead_ms=lat.get("prefill_overhead_ms", 0.0),
         kv_dtype=kv_dtype,
         prefill_logits=lat.get("prefill_logits", "last" if backend == "llama.cpp" else "all"),
+        dtype_bandwidth_gbps=dtype_bw,
     )
     memory = MemorySpec(budget=mem["budget"], context=mem["context"], runtime_overhead=mem.get("runtime_overhead", 0))
     if memory.runtime_overhead >= memory.budget:
@@ -579,6 +586,8 @@ def profile_to_dict(profile: Profile, human_units: bool = False) -> dict:
     if p.latency_version:
         lat["version"] = p.latency_version
     lat["compute_gops"] = dict(c.compute_gops)
+    if c.dtype_bandwidth_gbps:
+        lat["dtype_bandwidth_gbps"] = dict(c.dtype_bandwidth_gbps)
     mem = {"budget": b(p.memory.budget), "context": p.memory.context}
     if p.memory.runtime_overhead:
         mem["runtime_overhead"] = b(p.memory.runtime_overhead)

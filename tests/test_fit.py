@@ -1,0 +1,94 @@
+"""`edgeprune fit` and `edgeprune check` end to end on a tiny model (real llama.cpp, real search)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from edgeprune import latency
+from edgeprune.errors import EdgepruneError
+from edgeprune.profiles import load_profile, write_profile
+from tests.conftest import run_cli
+
+pytest.importorskip("llama_cpp")
+
+
+def _profile_with(tmp_path, name, **targets):
+    base = load_profile("ci-cpu")
+    prof = dataclasses.replace(base, name=name, targets=dataclasses.replace(base.targets, **targets))
+    path = tmp_path / f"{name}.toml"
+    write_profile(prof, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_speed(tiny_dir):
+    from edgeprune.models import load_model
+
+    lm = load_model(str(tiny_dir))
+    prof = load_profile("ci-cpu")
+    return latency.predict_for_profile(latency.ModelGeometry.from_model(lm.model), prof, "q8_0").decode_tok_s
+
+
+def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path):
+    # a decode target 3% above what the dense model is predicted to reach: it must prune
+    prof = _profile_with(tmp_path, "tight", decode_tok_s_min=tiny_dense_speed * 1.03, ttft_max_s=None, memory_max=None)
+    out = tmp_path / "fit"
+    r = run_cli("fit", "--profile", prof, "--model", tiny_dir, "--out", out, "--formats", "gguf", "--dtype", "q8_0",
+                "--nsamples", "4", "--seqlen", "32", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["dense"]["q8_0"]["targets"]["ok"] is False
+    chosen = report["result"]["chosen"]
+    assert chosen["targets"]["ok"] and (chosen["sparsity"] > 0 or chosen["drop_layers"] > 0)
+    assert chosen["prediction"]["decode_tok_s"] >= tiny_dense_speed * 1.03
+    art = report["result"]["artifacts"]["gguf"]
+    assert (out / "model.q8_0.gguf").is_file() and art["bench"]["decode_tok_s"]["median"] > 0
+    assert art["export"]["verification"]["top1_agreement"] > 0.5
+    for name in ("report.md", "frontier.png", "model/widths.png", "model/plan.json"):
+        assert (out / name).is_file(), name
+    assert "Chosen" in (out / "report.md").read_text()
+
+
+def test_fit_impossible_target_exits_3(tiny_dir, tmp_path):
+    prof = _profile_with(tmp_path, "impossible", decode_tok_s_min=1e9, ttft_max_s=None, memory_max=None)
+    out = tmp_path / "fit"
+    r = run_cli("fit", "--profile", prof, "--model", tiny_dir, "--out", out, "--formats", "gguf",
+                "--nsamples", "4", "--seqlen", "32", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "decode_tok_s" in r.stderr and "Closest" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((out / "report.json").read_text())["result"]["ok"] is False
+    assert not (out / "model").exists()
+
+
+def test_fit_bad_inputs(tiny_dir, tmp_path):
+    r = run_cli("fit", "--profile", "no-such-board", "--model", tiny_dir, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "unknown profile" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\nschema = 1\n[targets]\ndecode_tok_s_min = -3\n')
+    r = run_cli("fit", "--profile", bad, "--model", tiny_dir, "--out", tmp_path / "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("fit", "--profile", "ci-cpu", "--model", tiny_dir, "--out", tmp_path / "x", "--max-memory", "lots")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_check_gate_exit_codes(tiny_dir, tmp_path):
+    from edgeprune.exporters.gguf import export_gguf
+    from edgeprune.models import load_model
+
+    lm = load_model(str(tiny_dir))
+    art = tmp_path / "tiny.q8_0.gguf"
+    export_gguf(lm.model, lm.tokenizer, art, dtype="q8_0")
+    ok = run_cli("check", art, "--max-ms-per-token", "10000", "--repeats", "1", "--json")
+    assert ok.returncode == 0, ok.stderr
+    rec = json.loads(ok.stdout)
+    assert rec["ok"] and rec["gates"][0]["gate"] == "max_ms_per_token"
+    slow = run_cli("check", art, "--max-ms-per-token", "0.00001", "--repeats", "1")
+    assert slow.returncode == 1 and "FAIL" in slow.stdout
+    same = run_cli("check", art, "--baseline", art, "--min-speedup", "100", "--repeats", "1", "--json")
+    assert same.returncode == 1 and json.loads(same.stdout)["decode_speedup"] > 0
+    for args, msg in ((["--min-speedup", "1.3"], "needs --baseline"), (["--max-ms-per-token", "-1"], "must be positive")):
+        r = run_cli("check", art, *args)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("check", tmp_path / "missing.gguf")
+    assert r.returncode == 2 and "not found" in r.stderr
