@@ -360,7 +360,9 @@ def profiles_show(name: str = typer.Argument(..., help="profile name or path to 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer.Exit(n) comes back as n in this mode
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except EdgepruneError as exc:
         ui.error(exc)
         sys.exit(exc.exit_code)

@@ -44,7 +44,46 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.latency import (BACKEND_FORMAT, BACKENDS, LatencyConstants, ModelGeometry, byte_counts,
                                decode_features, normalize_dtype, predict, prefill_flops)
 
-Progress = Callable[[str], None] | None
+Progress = Callable[..., None] | None  # progress(message) or progress(label, done, total)
+
+
+class _Reporter:
+    """Adapts a progress callback: `f(message)` gets text lines, `f(label, done, total)` (the CLI's
+    progress bars, one bar per label) gets counts. Free-text notes go to stderr in the latter case."""
+
+    def __init__(self, progress: Progress):
+        if isinstance(progress, _Reporter):
+            progress = progress.fn
+        self.fn = progress
+        self.counts = False
+        if progress is not None:
+            import inspect
+
+            try:
+                params = [p for p in inspect.signature(progress).parameters.values()
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+                self.counts = len(params) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+            except (TypeError, ValueError):
+                self.counts = False
+
+    def __call__(self, message: str) -> None:  # a note
+        if self.fn is None:
+            return
+        if self.counts:
+            if message.startswith("warning"):
+                import sys
+
+                print(message, file=sys.stderr)
+            return
+        self.fn(message)
+
+    def step(self, label: str, done: int, total: int, detail: str = "") -> None:
+        if self.fn is None:
+            return
+        if self.counts:
+            self.fn(label, done, total)
+        elif detail:
+            self.fn(f"[{done + 1}/{total}] {detail}" if done < total else f"{label}: done")
 
 DEFAULT_DTYPE = {"llama.cpp": "q8_0", "onnxruntime": "int8"}
 
@@ -242,7 +281,7 @@ def backend_available(backend: str) -> tuple[bool, str]:
 
 def export_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, progress: Progress = None) -> tuple[Path, dict]:
     """Build a random model of `shape` and export it (no verification). Returns (artifact path, geometry dict)."""
-    say = progress or (lambda m: None)
+    say = _Reporter(progress)
     model, tok = build_model(shape)
     geometry = ModelGeometry.from_model(model, name=shape.name).to_dict()
     if backend == "llama.cpp":
@@ -386,27 +425,32 @@ def measure_shapes(shapes: Sequence[SynthShape], backend: str, dtypes: Sequence[
     idle device measures than the median. timing: "wall" or "cpu" (see `measure_shape`).
     Exported files are deleted afterwards.
     """
-    say = progress or (lambda m: None)
+    say = _Reporter(progress)
     _check_timing(timing, threads)
     timer = time_llamacpp if backend == "llama.cpp" else time_onnx
     jobs = list(itertools.product(shapes, dtypes))
     items = []
+    export_label, time_label = f"exporting synthetic {backend} models", f"timing {backend} ({timing} time)"
     try:
         for i, (shape, dt) in enumerate(jobs):
-            say(f"[{i + 1}/{len(jobs)}] building and exporting {shape.name} ({dt})")
+            say.step(export_label, i, len(jobs), f"building and exporting {shape.name} ({dt})")
             t0 = time.perf_counter()
-            path, geom = export_shape(shape, backend, dt, workdir, progress)
+            path, geom = export_shape(shape, backend, dt, workdir, say)
             items.append({"shape": shape, "dtype": dt, "path": path, "geometry": geom, "prefill_s": [], "step_s": [],
                           "seconds": time.perf_counter() - t0, "bytes": _path_bytes(path)})
+        say.step(export_label, len(jobs), len(jobs))
+        n_timed = rounds * len(items)
         for r in range(rounds):
-            for it in items:
-                say(f"round {r + 1}/{rounds}: timing {it['shape'].name} ({it['dtype']}, prompt {prompt_tokens}, "
-                    f"{gen_tokens} tokens x {repeats}, {timing} time)")
+            for k, it in enumerate(items):
+                say.step(time_label, r * len(items) + k, n_timed,
+                         f"round {r + 1}/{rounds}: timing {it['shape'].name} ({it['dtype']}, prompt {prompt_tokens}, "
+                         f"{gen_tokens} tokens x {repeats}, {timing} time)")
                 t0 = time.perf_counter()
                 raw = timer(it["path"], threads, prompt_tokens, gen_tokens, repeats, timing)
                 it["prefill_s"] += raw["prefill_s"]
                 it["step_s"] += raw["step_s"]
                 it["seconds"] += time.perf_counter() - t0
+        say.step(time_label, n_timed, n_timed)
     finally:
         for it in items:
             _remove(it["path"])
@@ -680,7 +724,7 @@ def run_calibration(backend: str = "llama.cpp", dtype=None, threads: int | None 
     gen_tokens = gen_tokens or (32 if quick else 64)
     repeats = repeats or (3 if quick else 5)
     shapes = list(shapes) if shapes is not None else calibration_shapes(quick)
-    say = progress or (lambda m: None)
+    say = _Reporter(progress)
     busy = busy_warning(threads, timing, host["cores"])
     if busy:
         say(busy)
@@ -888,7 +932,7 @@ def validate_model(profile, backend: str | None = None, dtype=None, threads: int
     gen_tokens = gen_tokens or (32 if quick else 64)
     repeats = repeats or (3 if quick else 5)
     shapes = list(shapes) if shapes is not None else heldout_shapes(quick)
-    say = progress or (lambda m: None)
+    say = _Reporter(progress)
     with tempfile.TemporaryDirectory(prefix="edgeprune-val-", dir=workdir) as tmp:
         ms = measure_shapes(shapes, backend, dtypes, Path(tmp), threads, prompt_tokens, gen_tokens, repeats, say,
                             timing, rounds)

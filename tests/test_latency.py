@@ -388,13 +388,16 @@ def test_hostcal_smoke_two_tiny_shapes(tmp_path):
     from edgeprune.hostcal import SynthShape, compare, measure_shape
 
     shapes = [SynthShape("tiny-a", 128, 2, 2, 1, 256, 384), SynthShape("tiny-b", 128, 3, 2, 1, 384, 2048)]
+    bars = {}  # the CLI's progress callback: (label, done, total), one bar per label
     for s in shapes:
-        m = measure_shape(s, "llama.cpp", "q8_0", tmp_path, threads=1, prompt_tokens=16, gen_tokens=4, repeats=1)
+        m = measure_shape(s, "llama.cpp", "q8_0", tmp_path, threads=1, prompt_tokens=16, gen_tokens=4, repeats=1,
+                          progress=lambda label, done, total: bars.__setitem__(label, (done, total)))
         assert m.decode_tok_s > 0 and m.prefill_s > 0 and m.file_bytes > 0
         assert m.geometry["vocab"] == s.vocab and m.geometry["n_layers"] == s.layers
         row = compare(m, load_profile("ci-cpu"))
         assert math.isfinite(row.decode_error_pct) and math.isfinite(row.prefill_error_pct)
     assert not list(tmp_path.iterdir()), "exported files are removed"
+    assert bars and all(done == total for done, total in bars.values())
 
 
 def test_hostcal_onnx_smoke(tmp_path):
