@@ -319,13 +319,18 @@ def calibrate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="weight dtype to calibrate (default: q8_0 / int8)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     quick: bool = typer.Option(False, "--quick", help="fewer and smaller synthetic shapes"),
+    timing: str = typer.Option("wall", "--timing", help="wall, or cpu (with --threads 1: stable on a busy/shared machine)"),
+    rounds: int = typer.Option(2, "--rounds", help="round-robin timing passes over the shapes"),
+    record: Optional[Path] = typer.Option(None, "--record", help="also write every measurement as JSON here"),
 ):
     """Fit this host's latency constants from synthetic random-weight models and write a profile."""
     from edgeprune.hostcal import calibrate_host
 
+    if timing not in ("wall", "cpu"):
+        raise EdgepruneError(f"--timing must be wall or cpu, got {timing}")
     with ui.progress() as bar:
-        profile = calibrate_host(backend=backend, dtype=dtype, threads=threads, out=out, quick=quick,
-                                 progress=lambda label, i, n: bar(label, i, n))
+        profile = calibrate_host(backend=backend, dtype=dtype, threads=threads, out=out, quick=quick, timing=timing,
+                                 rounds=rounds, record=record, progress=lambda label, i, n: bar(label, i, n))
     ui.out.print(f"wrote {out}: bandwidth {profile.latency.bandwidth_gbps:.2f} GB/s, layer overhead "
                  f"{profile.latency.layer_overhead_ms:.3f} ms, token overhead {profile.latency.token_overhead_ms:.3f} ms")
 

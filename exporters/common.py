@@ -33,6 +33,17 @@ def verification_windows(tokenizer, seqlen: int = 256, n: int = 4) -> np.ndarray
     return token_windows(tokenizer, verification_text(), seqlen, max_windows=n).numpy()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create owner-only entries; give the final output the usual umask modes."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(final: Path):
     """Yield a temporary path next to `final`; rename it into place only if the block succeeds."""
@@ -43,6 +54,7 @@ def atomic_file(final: Path):
     tmp = Path(tmp)
     try:
         yield tmp
+        _public(tmp, 0o666)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -56,6 +68,9 @@ def atomic_dir(final: Path):
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
         yield tmp
+        _public(tmp, 0o777)
+        for child in tmp.rglob("*"):
+            _public(child, 0o777 if child.is_dir() else 0o666)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

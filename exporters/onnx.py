@@ -12,9 +12,10 @@ I/O names, dtype, quantization and the verification figures.
 Quantization is weight-only, block-wise (onnxruntime MatMulNBits, block 32, symmetric,
 accuracy_level 4 = int8 activations per block inside the kernel, which doubled int4 decode speed
 on this AVX2 CPU with no accuracy change). Why not `quantize_dynamic` for int8: its per-tensor
-activation quantization met SmolLM2's activation outliers (down_proj inputs) and gave top-1 0.60 /
-KL 0.60 (0.0 with per_channel, a kernel overflow without reduce_range), against 0.97 / 0.005 for
-8-bit MatMulNBits, which was also faster. The lm_head is quantized too (a tied head gets its own
+activation quantization meets SmolLM2's activation outliers (down_proj inputs) and gave top-1 0.60 /
+KL 0.60 on SmolLM2-135M (per_channel: 0.0, likely the u8s8 overflow of AVX2 without VNNI; 0.61 with
+reduce_range; 0.82 with down_proj left in fp32), against 0.97 / 0.005 for 8-bit MatMulNBits, which
+was also faster. The lm_head is quantized too (a tied head gets its own
 copy for that); int4 also stores the embedding table in 4 bits (GatherBlockQuantized; 8-bit Gather
 is not supported by the quantizer, so int8 keeps it in fp32).
 

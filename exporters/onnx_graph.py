@@ -1,16 +1,17 @@
 """Write a (possibly pruned) Llama decoder as one ONNX graph with a KV cache, straight from its modules.
 
-Why not `torch.onnx.export`: the dynamo exporter traces the HF code symbolically, and on this
-2-core machine that took 2-5 minutes for SmolLM2-135M (torch.export ~30 s, decompositions and
-translation ~90 s, the onnxscript optimizer ~140 s, all scaling with the layer count), against a
-30 s budget. A Llama decoder layer is a dozen well-known operations, so we emit them directly with
-`onnx.helper`, reading every weight, bias, norm epsilon and the RoPE frequencies from the in-memory
-modules (nothing is rebuilt from config.json). The graph is checked against torch at export.
+Why not `torch.onnx.export`: the dynamo exporter traces the HF code symbolically; on this shared
+2-core machine it took ~270 s for SmolLM2-135M (torch.export 31 s, decompositions + translation
+94 s, the onnxscript optimizer 140 s; the profile is dominated by sympy shape reasoning, which grows
+with the layer count), against a 30 s budget. A Llama decoder layer is a dozen well-known
+operations, so we emit them with `onnx.helper`, reading every weight, bias, norm epsilon and the
+RoPE frequencies from the in-memory modules (nothing is rebuilt from config.json): ~2-4 s. The
+graph is checked against torch at export (see onnx.verify_onnx).
 
-Layout per layer i (per-layer head counts come from the module shapes):
-  q [B, n_kv, g, S, hd] (g = n_heads / n_kv), k/v [B, n_kv, S, hd];
-  present = Concat(past, new) on the sequence axis; scores broadcast q against k[:, :, None],
-  so grouped-query attention never copies K/V.
+Per layer: RMSNorm -> one MatMul for q|k|v -> RotaryEmbedding on q and k -> ONNX Attention
+(opset 23: grouped-query heads, past/present KV cache, additive mask) -> o_proj -> residual;
+RMSNorm -> one MatMul for gate|up -> SiLU * up -> down_proj -> residual. Head counts, FFN widths
+and biases are read per layer from the module shapes.
 
 Weights go to an external data file, written tensor by tensor while the graph is built, so the
 export never holds a second in-memory copy of the model (protobuf caps inline models at 2 GB).
@@ -31,7 +32,7 @@ from edgeprune.errors import EdgepruneError
 OPSET = 23  # Attention and RotaryEmbedding (ORT 1.32 runs both on CPU); >= 21 for GatherBlockQuantized
 DATA_SUFFIX = "_data"  # model.onnx_data: optimum's name for external weights
 _EXTERNAL_MIN_BYTES = 1024  # small constants stay inline so the graph stays readable
-_ALIGN = 4096  # page-aligned offsets let onnxruntime memory-map the weights
+_ALIGN = 4096  # page-aligned offsets, as onnx's own writer uses, so runtimes can memory-map them
 _NEG = float(np.finfo(np.float32).min)  # finite, so a fully masked (padding) row gives no NaN
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # inv_freq fixed at load time
 
@@ -205,6 +206,15 @@ def _mlp(b: _Builder, x: str, mlp, i: int) -> str:
     return _linear(b, hidden, mlp.down_proj, f"{name}.down_proj")
 
 
+def _mlp_block(b: _Builder, h: str, layer, info: LayerInfo, i: int) -> str:
+    """Residual MLP; a zero-width FFN contributes only its down_proj bias (if any)."""
+    if info.ffn == 0:
+        bias = layer.mlp.down_proj.bias
+        return h if bias is None else b.op("Add", [h, b.weight(f"layers.{i}.mlp.down_proj.bias", _np(bias))], f"layers.{i}/MlpBias")
+    m = _rms_norm(b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+    return b.op("Add", [h, _mlp(b, m, layer.mlp, i)], f"layers.{i}/MlpResidual")
+
+
 def _lm_head(b: _Builder, x: str, model, tied_gemm: bool) -> str:
     if tied_gemm:
         # Gemm(transB=1) reads the embedding table in place: one copy of the tied weight.
@@ -238,10 +248,10 @@ def layer_infos(model) -> list[LayerInfo]:
     hd = head_dim(model)
     infos = [LayerInfo(s.n_heads, s.n_kv_heads, hd, s.ffn) for s in layer_shapes(model)]
     for i, info in enumerate(infos):
-        if info.n_kv_heads == 0 or info.n_heads % info.n_kv_heads:
+        if info.n_kv_heads == 0 or info.n_heads == 0 or info.n_heads % info.n_kv_heads:
             raise EdgepruneError(
                 f"layer {i} has {info.n_heads} query heads and {info.n_kv_heads} KV heads: ONNX export needs "
-                "at least one KV head and n_heads divisible by n_kv_heads (drop the layer instead)"
+                "at least one of each and n_heads divisible by n_kv_heads (drop the layer instead)"
             )
     return infos
 
@@ -273,8 +283,7 @@ def build_decoder(model, path: Path, quantizable_lm_head: bool = False) -> list[
             for i, (layer, info) in enumerate(zip(model.model.layers, infos)):
                 a = _rms_norm(b, h, layer.input_layernorm, f"layers.{i}.input_layernorm")
                 h = b.op("Add", [h, _attention(b, a, layer.self_attn, info, i, rope, bias)], f"layers.{i}/AttnResidual")
-                m = _rms_norm(b, h, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
-                h = b.op("Add", [h, _mlp(b, m, layer.mlp, i)], f"layers.{i}/MlpResidual")
+                h = _mlp_block(b, h, layer, info, i)
             h = _rms_norm(b, h, model.model.norm, "norm")
             _lm_head(b, h, model, tied_gemm=tied and not quantizable_lm_head)
     finally:

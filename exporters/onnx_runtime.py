@@ -50,8 +50,9 @@ def open_session(onnx_dir: str | Path, threads: int | None = None):
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3  # hide the optimizer's informational warnings
+    path = model_path(onnx_dir)
     try:
-        return ort.InferenceSession(str(model_path(onnx_dir)), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
         raise EdgepruneError(f"onnxruntime cannot load {onnx_dir}: {str(exc).splitlines()[0]}") from None
 

@@ -115,6 +115,23 @@ def test_pruned_model_with_biases_verifies(tmp_path):
     assert [dec.kv_shapes[f"past_key_values.{i}.key"] for i in range(3)] == [(2, 16), (1, 16), (2, 16)]
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_width_ffn_layer_verifies(tmp_path):
+    """A layer whose FFN was pruned away entirely keeps attention and its down_proj bias."""
+    model, tok = tiny_llama()
+    layer = model.model.layers[1]
+    attn = layer.self_attn
+    kept = {n: getattr(attn, n).weight.detach().clone() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    resize_layer(layer, LayerShape(n_heads=4, n_kv_heads=2, ffn=0, ffn_bias=True), head_dim(model))
+    with torch.no_grad():
+        for n, w in kept.items():
+            getattr(attn, n).weight.copy_(w)
+        layer.mlp.down_proj.bias.normal_()
+    report = export_onnx(model, tok, tmp_path / "onnx", verify_windows=WINDOWS)
+    _check_passed(report)
+    assert report["quantization"] is None
+
+
 def test_biases_survive_export(tmp_path):
     """Large o_proj/down_proj biases: dropping them would move the logits far beyond tolerance."""
     model, tok = pruned_tiny(bias_scale=1.0)
