@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import threading
 import time
@@ -90,7 +89,16 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a CPU shared with other jobs)")
     ap.add_argument("--export-check", action="store_true", help="export the 30%% FLAP model to GGUF (and ONNX if available), verified")
     ap.add_argument("--out", default="benchmarks/results/quality_table.json")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG (and answers) from an existing --out JSON")
     args = ap.parse_args()
+    if args.replot:
+        out = Path(args.out)
+        record = json.loads(out.read_text())
+        record["eval"] = {int(k): v for k, v in record["eval"].items()}
+        record["answers"] = answers(record)
+        print("\n".join(record["answers"]["text"]))
+        plot(record, out.with_suffix(".png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -272,7 +280,7 @@ def plot(record, path):
         ax.set_xlabel("sparsity (fraction of linear-layer parameters)")
         ax.set_ylabel(f"WikiText-2 test ppl (seq {L})")
         ax.set_title(f"seq {L}, {record['eval'][L]['tokens']} tokens; calibration {record['calibration']}", fontsize=8)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="upper left", framealpha=0.6)
     ax = axes[2]
     at30 = [r for r in rows if abs(r["sparsity"] - 0.3) < 1e-9]
     labels = [f"{r['selection']}+{r['recover']}" for r in at30]

@@ -145,7 +145,7 @@ def prune(
         pruned, plan, report = prune_and_save(
             lm, stats, out, plan=plan, report=report, ids=ids, progress=bar, sparsity=sparsity, method=method.value, target=target,
             allocation=allocation, score=score, heads=heads, drop_layers=drop_layers, align=align, temperature=temperature,
-            min_keep=min_keep, seed=seed, recover=recover, recover_args=recover_args)
+            min_keep=min_keep, seed=seed, recover=recover, recover_args=recover_args, inplace=True)
     if json_out:
         ui.print_json(report)
         return
@@ -288,6 +288,7 @@ def fit(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark"),
     host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
+    recover: str = typer.Option("lstsq", "--recover", help="recovery of the chosen model: lstsq (default, best retraining-free), bias, mask, none"),
     json_out: bool = JsonOpt,
 ):
     """Search sparsity, dropped layers and dtype for the best model that meets a device profile's targets."""
@@ -296,7 +297,7 @@ def fit(
     with ui.progress(quiet=json_out) as bar:
         report, code = run_fit(model, profile, out, min_tokens_per_s, max_memory, max_ttft_s, dtype,
                                tuple(f.strip() for f in formats.split(",") if f.strip()), nsamples, seqlen, seed=seed,
-                               threads=threads, host_profile=host_profile, progress=bar, log=ui.info)
+                               threads=threads, host_profile=host_profile, recover=recover, progress=bar, log=ui.info)
     if json_out:
         ui.print_json(report)
         return

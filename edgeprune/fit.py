@@ -88,13 +88,14 @@ def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
 
 def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None, max_ttft=None, dtype=None,
             formats=("gguf", "onnx"), nsamples=32, seqlen=128, heldout=8, seed=0, threads=None,
-            host_profile="ci-cpu", bench_repeats=3, progress=None, log=print) -> tuple[dict, int]:
+            host_profile="ci-cpu", bench_repeats=3, recover="lstsq", progress=None, log=print) -> tuple[dict, int]:
     from edgeprune.bench import bench_artifact, median
     from edgeprune.calibrate import calibrate
     from edgeprune.data import calibration_ids
     from edgeprune.models import load_model
     from edgeprune.pipeline import base_of, prune_and_save
     from edgeprune.profiles import load_profile
+    from edgeprune.recover import needs
 
     t_start = time.perf_counter()
     timings = {}
@@ -124,7 +125,9 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                                        progress=(lambda i, n: progress("calibration text", i, n)) if progress else None)
     calib, held = ids[:nsamples], ids[nsamples:]
     desc = {**desc, "nsamples": nsamples, "tokens": int(calib.numel()), "heldout_samples": heldout}
-    stats = calibrate(lm.model, calib, description=desc, progress=(lambda i, n: progress("calibration pass", i, n)) if progress else None)
+    # Recovery of the chosen model (default lstsq: the best retraining-free variant at 30% in
+    # benchmarks/quality_table.py) needs the Gram matrices of the same pass.
+    stats = calibrate(lm.model, calib, gram=needs(recover)["gram"], description=desc, progress=(lambda i, n: progress("calibration pass", i, n)) if progress else None)
     dense_lp = search.dense_logprobs(lm.model, held)
     timings["calibration_s"] = time.perf_counter() - t
 
@@ -180,8 +183,17 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         log(f"chosen: {chosen.label}: {chosen.check.describe()}; quality KL {chosen.quality:.4f}")
         t = time.perf_counter()
         plan = chosen.plan or identity_plan(lm, base, desc)
-        pruned, plan, prune_report = prune_and_save(lm, stats, out / "model", plan=plan, report={"from": "edgeprune fit"}, inplace=True)
+        if chosen.plan is not None and recover not in (None, "none"):
+            from edgeprune.methods import with_recovery
+
+            plan = with_recovery(plan, recover)
+        pruned, plan, prune_report = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib,
+                                                    report={"from": "edgeprune fit"}, inplace=True)
         timings["prune_s"] = time.perf_counter() - t
+        report["recovery"] = {"method": plan.method.get("recover", "none"),
+                              "kl_structure_before": chosen.kl_structure,
+                              "kl_structure_after": search.kl_to_dense(dense_lp, pruned, held) if chosen.plan is not None else 0.0}
+        log(f"recovery {report['recovery']['method']}: held-out KL {chosen.kl_structure:.4f} -> {report['recovery']['kl_structure_after']:.4f}")
 
         artifacts = {}
         for f in formats:
