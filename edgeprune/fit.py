@@ -194,6 +194,12 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                               "kl_structure_before": chosen.kl_structure,
                               "kl_structure_after": search.kl_to_dense(dense_lp, pruned, held) if chosen.plan is not None else 0.0}
         log(f"recovery {report['recovery']['method']}: held-out KL {chosen.kl_structure:.4f} -> {report['recovery']['kl_structure_after']:.4f}")
+        if chosen.plan is not None and report["recovery"]["kl_structure_after"] > chosen.kl_structure:
+            # Closed-form recovery can overfit a small calibration set: keep it only if held-out text agrees.
+            log("recovery made held-out KL worse: keeping the unrecovered model")
+            report["recovery"]["kept"] = False
+            pruned, plan, prune_report = prune_and_save(lm, stats, out / "model", plan=chosen.plan,
+                                                        report={"from": "edgeprune fit"}, inplace=True)
 
         artifacts = {}
         for f in formats:
