@@ -102,3 +102,32 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def bench_main(prog: str, bench_fn, argv: list[str] | None = None) -> int:
+    """`python -m edgeprune.exporters.<format> bench ARTIFACT ...`: one JSON line on stdout.
+
+    Both runtimes' modules use this torch-free entry point, so `edgeprune bench` can measure the
+    runtime alone in a fresh process (clean peak RSS)."""
+    import argparse
+    import json
+    import sys
+
+    from edgeprune.errors import EdgepruneError
+
+    parser = argparse.ArgumentParser(prog=prog, description="benchmark an exported artifact; prints one JSON line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="prefill/decode tokens/s, time to first token, peak RSS")
+    bench.add_argument("artifact")
+    bench.add_argument("--threads", type=int, default=None)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--gen-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    try:
+        result = bench_fn(args.artifact, args.threads, args.prompt_tokens, args.gen_tokens, args.repeats)
+    except EdgepruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(result))
+    return 0

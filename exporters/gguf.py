@@ -756,24 +756,9 @@ def bench_gguf(path, threads: int | None = None, prompt_tokens: int = 128, gen_t
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from edgeprune.exporters.common import bench_main
 
-    ap = argparse.ArgumentParser(prog="python -m edgeprune.exporters.gguf", description="llama.cpp benchmark of a GGUF file")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("bench", help="print one JSON line: prefill/decode tokens/s, TTFT, peak RSS")
-    b.add_argument("path")
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--gen-tokens", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
-    try:
-        result = bench_gguf(args.path, args.threads, args.prompt_tokens, args.gen_tokens, args.repeats)
-    except EdgepruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(result))
-    return 0
+    return bench_main("python -m edgeprune.exporters.gguf", bench_gguf, argv)
 
 
 if __name__ == "__main__":

@@ -291,26 +291,9 @@ def _torch_greedy(model, prompt: np.ndarray, n: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import sys
+    from edgeprune.exporters.common import bench_main
 
-    parser = argparse.ArgumentParser(prog="python -m edgeprune.exporters.onnx", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="prefill/decode speed of an exported directory; prints one JSON line")
-    bench.add_argument("dir")
-    bench.add_argument("--threads", type=int, default=None)
-    bench.add_argument("--prompt-tokens", type=int, default=128)
-    bench.add_argument("--gen-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    try:
-        result = bench_onnx(args.dir, args.threads, args.prompt_tokens, args.gen_tokens, args.repeats)
-    except EdgepruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(result))
-    return 0
+    return bench_main("python -m edgeprune.exporters.onnx", bench_onnx, argv)
 
 
 if __name__ == "__main__":
