@@ -159,7 +159,7 @@ def bench_onnx(onnx_dir: str | Path, threads: int | None = None, prompt_tokens: 
     for _ in range(repeats):
         p_s, first_s, d_s = _generate_timed(dec, prompt, gen_tokens)
         prefill.append(prompt_tokens / p_s)
-        ttft.append(first_s * 1000)
+        ttft.append(first_s)
         decode.append(gen_tokens / d_s)
     side = read_sidecar(onnx_dir)
     return {
@@ -172,9 +172,10 @@ def bench_onnx(onnx_dir: str | Path, threads: int | None = None, prompt_tokens: 
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "load_seconds": load_s,
-        "prefill_tokens_per_s": summarize(prefill),
-        "decode_tokens_per_s": summarize(decode),
-        "time_to_first_token_ms": summarize(ttft),
+        # the same keys and units as bench_gguf, so `edgeprune bench/check/fit` read both alike
+        "prefill_tok_s": summarize(prefill),
+        "decode_tok_s": summarize(decode),
+        "ttft_s": summarize(ttft),
         "peak_rss_mb": peak_rss_mb(),
     }
 
