@@ -288,7 +288,7 @@ def fit(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark"),
     host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
-    recover: str = typer.Option("lstsq", "--recover", help="recovery of the chosen model: lstsq (default, best retraining-free), bias, mask, none"),
+    recover: str = typer.Option("lstsq,bias", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none"),
     json_out: bool = JsonOpt,
 ):
     """Search sparsity, dropped layers and dtype for the best model that meets a device profile's targets."""

@@ -48,6 +48,10 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
     for name in ("report.md", "frontier.png", "model/widths.png", "model/plan.json"):
         assert (out / name).is_file(), name
     assert "Chosen" in (out / "report.md").read_text()
+    rec = report["recovery"]  # held-out KL decides which recovery (if any) is kept
+    assert set(rec["tried"]) == {"none", "lstsq", "bias"} and rec["kept"] == min(rec["tried"], key=rec["tried"].get)
+    plan = json.loads((out / "model" / "plan.json").read_text())
+    assert plan["method"].get("recover", "none") == rec["kept"]
 
 
 def test_fit_impossible_target_exits_3(tiny_dir, tmp_path):
