@@ -96,10 +96,20 @@ def summarize(samples: list[float]) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process, in MiB.
+
+    Linux: VmHWM of this address space. ru_maxrss would be wrong here: it survives exec, so a
+    benchmark subprocess started from a big parent (fit, with the model loaded) reports the parent's peak."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
