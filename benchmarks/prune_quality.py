@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,13 +44,23 @@ def timed_prune_subprocess(model_spec, calib, nsamples, seqlen, sparsity, out):
     """Wall time and peak RSS of `edgeprune prune` as a user runs it (calibration text already cached)."""
     cmd = [sys.executable, "-m", "edgeprune.cli", "prune", model_spec, "--calib", calib, "--nsamples", str(nsamples),
            "--seqlen", str(seqlen), "--sparsity", str(sparsity), "--out", str(out), "--json"]
+    import psutil
+
+    # Peak RSS by polling the child: ru_maxrss would include this (model-holding) parent's pages at fork.
     start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child, peak = psutil.Process(proc.pid), 0.0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, child.memory_info().rss / 2**20)
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - start
-    if res.returncode:
-        raise SystemExit(f"prune failed: {res.stderr[-400:]}")
-    report = json.loads(res.stdout)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if proc.returncode:
+        raise SystemExit(f"prune failed: {stderr[-400:]}")
+    report = json.loads(stdout)
     return wall, peak, report["timings"]
 
 
