@@ -70,6 +70,18 @@ def _layer_err(x, w, keep, w_keep, bias=None):
 
 
 # ------------------------------------------------------------------------------------------ FLAP
+def _assert_each_pruned_layer_improves(model, recovered, plan, ids, with_bias):
+    """Every pruned layer's down_proj output is closer to dense (on dense inputs) than plain removal."""
+    for pos, lp in enumerate(plan.layers):
+        if len(lp.ffn_keep) == model.config.intermediate_size:
+            continue
+        x = _inputs(model, ids, lp.index)
+        w = model.model.layers[lp.index].mlp.down_proj.weight.detach()
+        lin = recovered.model.layers[pos].mlp.down_proj
+        got = _layer_err(x, w, lp.ffn_keep, lin.weight, lin.bias) if with_bias else _layer_err(x, w, lp.ffn_keep, lin.weight)
+        assert got < _layer_err(x, w, lp.ffn_keep, w[:, lp.ffn_keep])
+
+
 def test_flap_bias_compensation_brings_output_closer_to_dense(setup):
     model, _, ids, stats, base = setup
     plan = make_method_plan(model, stats, base, 0.5, method="flap")
@@ -82,13 +94,7 @@ def test_flap_bias_compensation_brings_output_closer_to_dense(setup):
     dense = _logits(model, ids)
     assert _mse(_logits(compensated, ids), dense) < _mse(_logits(plain, ids), dense)
     # layer by layer: each pruned channel is replaced by its mean, on the dense inputs
-    for pos, lp in enumerate(plan.layers):
-        if len(lp.ffn_keep) == 256:
-            continue
-        x = _inputs(model, ids, lp.index)
-        w = model.model.layers[lp.index].mlp.down_proj.weight.detach()
-        lin = compensated.model.layers[pos].mlp.down_proj
-        assert _layer_err(x, w, lp.ffn_keep, lin.weight, lin.bias) < _layer_err(x, w, lp.ffn_keep, w[:, lp.ffn_keep])
+    _assert_each_pruned_layer_improves(model, compensated, plan, ids, with_bias=True)
 
 
 def test_flap_compensates_pruned_heads_on_o_proj(setup):
@@ -192,13 +198,7 @@ def test_comp_mask_tuning_lowers_error_and_caps_scales(setup):
     tuned = pruned_copy(model, plan)
     rep = recover(tuned, model, plan, stats, ids)["mask"]
     assert 0.5 <= rep["scale_min"] <= rep["scale_max"] <= 2.0
-    for pos, lp in enumerate(plan.layers):
-        if len(lp.ffn_keep) == 256:
-            continue
-        x = _inputs(model, ids, lp.index)
-        w = model.model.layers[lp.index].mlp.down_proj.weight.detach()
-        lin = tuned.model.layers[pos].mlp.down_proj
-        assert _layer_err(x, w, lp.ffn_keep, lin.weight) < _layer_err(x, w, lp.ffn_keep, w[:, lp.ffn_keep])
+    _assert_each_pruned_layer_improves(model, tuned, plan, ids, with_bias=False)
     # the cap: a tight clip binds, a huge ridge pulls every scale to 1
     w = model.model.layers[1].mlp.down_proj.weight.detach()
     keep = torch.arange(0, 256, 3)
