@@ -296,6 +296,8 @@ def plot_frontier(candidates, chosen, targets, profile, path: Path) -> None:
 
 
 def markdown(report: dict) -> str:
+    from edgeprune.bench import median
+
     lines = [f"# edgeprune fit --profile {report['profile']['name']}", ""]
     t = report["profile"]["targets"]
     lines.append(f"Targets: decode >= {t.get('decode_tok_s_min')} tok/s, TTFT <= {t.get('ttft_max_s')} s for a "
@@ -319,9 +321,9 @@ def markdown(report: dict) -> str:
             b = art["bench"]
             v = art["export"].get("verification", {})
             lines.append(f"- {f}: `{art['path']}` ({art['dtype']}), verified top-1 {v.get('top1_agreement', float('nan')):.4f}; "
-                         f"on this host decode {_med(b['decode_tok_s']):.1f} tok/s, prefill {_med(b['prefill_tok_s']):.1f} tok/s, "
-                         f"TTFT {_med(b['ttft_s']):.3f} s, peak RSS {b.get('peak_rss_mb', float('nan')):.0f} MiB"
-                         + (f"; dense {_med(art['bench_dense']['decode_tok_s']):.1f} tok/s -> x{art['measured_decode_speedup']:.2f}" if "bench_dense" in art else "")
+                         f"on this host decode {median(b, 'decode_tok_s'):.1f} tok/s, prefill {median(b, 'prefill_tok_s'):.1f} tok/s, "
+                         f"TTFT {median(b, 'ttft_s'):.3f} s, peak RSS {b.get('peak_rss_mb', float('nan')):.0f} MiB"
+                         + (f"; dense {median(art['bench_dense'], 'decode_tok_s'):.1f} tok/s -> x{art['measured_decode_speedup']:.2f}" if "bench_dense" in art else "")
                          + (f"; host model predicted {art['host_prediction']['decode_tok_s']:.1f} tok/s" if "host_prediction" in art else ""))
     else:
         lines.append("**No candidate meets the targets.** " + "; ".join(res.get("unreachable", [])))
@@ -333,6 +335,3 @@ def markdown(report: dict) -> str:
 def _f(x):
     return "—" if x is None else f"{x:.4f}"
 
-
-def _med(v):
-    return v["median"] if isinstance(v, dict) else float(v)
