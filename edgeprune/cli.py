@@ -286,7 +286,7 @@ def fit(
     nsamples: int = typer.Option(32, "--nsamples"),
     seqlen: int = typer.Option(128, "--seqlen"),
     seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark (default: the host profile's threads, which its prediction assumes)"),
     host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
     recover: str = typer.Option("lstsq,bias", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none"),
     json_out: bool = JsonOpt,
@@ -308,6 +308,9 @@ def fit(
         line = f"{f}: {art['path']} -> " + _bench_line(art["bench"])
         if "measured_decode_speedup" in art:
             line += f"; x{art['measured_decode_speedup']:.2f} decode vs dense"
+        if "host_prediction" in art:
+            hp = art["host_prediction"]
+            line += f" (profile {hp['profile']} predicts {hp['decode_tok_s']:.1f} tok/s, TTFT {1000 * hp['ttft_s']:.0f} ms)"
         ui.out.print(line)
     ui.out.print(f"report: {out}/report.md, {out}/report.json, {out}/frontier.png, {out}/model/widths.png ({report['timings']['total_s']:.0f}s)")
 

@@ -67,7 +67,7 @@ def windows_from_text(tokenizer, text: str, nsamples: int, seqlen: int, seed: in
 
 
 @torch.no_grad()
-def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 32, progress=None) -> torch.Tensor:
+def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 64, progress=None) -> torch.Tensor:
     """Sample `nsamples` sequences of `seqlen` tokens from the model itself, starting at BOS."""
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

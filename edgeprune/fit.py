@@ -88,8 +88,8 @@ def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
 
 def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None, max_ttft=None, dtype=None,
             formats=("gguf", "onnx"), nsamples=32, seqlen=128, heldout=8, seed=0, threads=None,
-            host_profile="ci-cpu", bench_repeats=3, recover="lstsq,bias", progress=None, log=print) -> tuple[dict, int]:
-    from edgeprune.bench import bench_artifact, median
+            host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias", progress=None, log=print) -> tuple[dict, int]:
+    from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
     from edgeprune.calibrate import calibrate
     from edgeprune.data import calibration_ids
     from edgeprune.models import load_model
@@ -196,13 +196,16 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
 
         t = time.perf_counter()
         host = load_profile(host_profile) if host_profile else None
+        # the host prediction is for the thread count its constants were measured with: bench with it
+        bench_threads = threads or (host.hardware.threads if host is not None else None)
         for f, art in artifacts.items():
             log(f"benchmarking {art['path']} on this host")
-            art["bench"] = bench_artifact(art["path"], threads=threads, repeats=bench_repeats)
             dense_path = dense_exports.get(chosen.dtype) if f == fmt else None
-            if dense_path is not None:
-                art["bench_dense"] = bench_artifact(dense_path, threads=threads, repeats=bench_repeats)
-                art["measured_decode_speedup"] = median(art["bench"], "decode_tok_s") / median(art["bench_dense"], "decode_tok_s")
+            if dense_path is not None:  # pruned and dense alternately: a fair ratio on a drifting machine
+                art["bench"], art["bench_dense"] = bench_interleaved([art["path"], dense_path], bench_threads, bench_rounds, bench_repeats)
+                art["measured_decode_speedup"] = paired_ratio(art["bench"], art["bench_dense"])
+            else:
+                art["bench"] = bench_artifact(art["path"], threads=bench_threads, repeats=bench_rounds * bench_repeats)
             if host is not None and host.latency.backend == ("llama.cpp" if f == "gguf" else "onnxruntime"):
                 geom = search.geometry_of(pruned, None)
                 pred = latency.predict(geom, chosen.dtype, host.latency, prompt_tokens=art["bench"]["prompt_tokens"],
@@ -232,17 +235,23 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recover, calib, den
         report["recovery"] = {"kept": "none", "tried": {}}
         return pruned, plan
     tried = {"none": chosen.kl_structure}
+    last = trial = None  # (name, model, plan) of the newest trial: its checkpoint is the one on disk
     for name in [r.strip() for r in (recover or "").split(",") if r.strip() and r.strip() != "none"]:
+        last = trial = None  # free the previous trial before building the next
         plan = with_recovery(chosen.plan, name)
         trial, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
         tried[name] = search.kl_to_dense(dense_lp, trial, held)
         log(f"recovery {name}: held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}")
-        del trial
+        last = (name, trial, plan)
     best = min(tried, key=tried.get)
     report["recovery"] = {"kept": best, "tried": tried}
-    plan = chosen.plan if best == "none" else with_recovery(chosen.plan, best)
-    pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"},
-                                     inplace=True)
+    if last is not None and last[0] == best:
+        _, pruned, plan = last  # already saved under out/model
+    else:
+        del last
+        plan = chosen.plan if best == "none" else with_recovery(chosen.plan, best)
+        pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"},
+                                         inplace=True)
     log(f"kept recovery: {best}")
     return pruned, plan
 
@@ -324,7 +333,9 @@ def markdown(report: dict) -> str:
                          f"on this host decode {median(b, 'decode_tok_s'):.1f} tok/s, prefill {median(b, 'prefill_tok_s'):.1f} tok/s, "
                          f"TTFT {median(b, 'ttft_s'):.3f} s, peak RSS {b.get('peak_rss_mb', float('nan')):.0f} MiB"
                          + (f"; dense {median(art['bench_dense'], 'decode_tok_s'):.1f} tok/s -> x{art['measured_decode_speedup']:.2f}" if "bench_dense" in art else "")
-                         + (f"; host model predicted {art['host_prediction']['decode_tok_s']:.1f} tok/s" if "host_prediction" in art else ""))
+                         + (f"; profile {art['host_prediction']['profile']} predicts decode {art['host_prediction']['decode_tok_s']:.1f} tok/s, "
+                            f"prefill {art['host_prediction']['prefill_tok_s']:.1f} tok/s, TTFT {art['host_prediction']['ttft_s']:.3f} s"
+                            if "host_prediction" in art else ""))
     else:
         lines.append("**No candidate meets the targets.** " + "; ".join(res.get("unreachable", [])))
     lines.append("")

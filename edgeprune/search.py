@@ -118,27 +118,27 @@ def dense_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.log_softmax(model(ids[i : i + 4], use_cache=False).logits.float(), -1) for i in range(0, len(ids), 4)])
 
 
-@torch.no_grad()
-def kl_to_dense(dense_lp: torch.Tensor, model, ids: torch.Tensor) -> float:
-    """Mean over tokens of KL(dense || model), natural log."""
+def _mean_kl(dense_lp: torch.Tensor, batches) -> float:
+    """Mean over tokens of KL(dense || q), natural log; `batches` yields (rows of dense_lp, log q)."""
     total, count = 0.0, 0
-    for i in range(0, len(ids), 4):
-        lq = torch.log_softmax(model(ids[i : i + 4], use_cache=False).logits.float(), -1)
-        lp = dense_lp[i : i + 4]
+    for rows, lq in batches:
+        lp = dense_lp[rows]
         total += float((lp.exp() * (lp - lq)).sum())
         count += lp.shape[0] * lp.shape[1]
     return total / count
 
 
+@torch.no_grad()
+def kl_to_dense(dense_lp: torch.Tensor, model, ids: torch.Tensor) -> float:
+    """Mean over tokens of KL(dense || model) for a torch model."""
+    return _mean_kl(dense_lp, ((slice(i, i + 4), torch.log_softmax(model(ids[i : i + 4], use_cache=False).logits.float(), -1))
+                               for i in range(0, len(ids), 4)))
+
+
 def quant_kl(dense_lp: torch.Tensor, logits_fn, ids: torch.Tensor) -> float:
     """KL(dense torch || dense exported) with a runtime's LogitsFn (llama.cpp / onnxruntime)."""
-    total, count = 0.0, 0
-    for i, row in enumerate(ids.numpy()):
-        lq = torch.log_softmax(torch.from_numpy(logits_fn(row)).float(), -1)
-        lp = dense_lp[i]
-        total += float((lp.exp() * (lp - lq)).sum())
-        count += lp.shape[0]
-    return total / count
+    return _mean_kl(dense_lp, ((slice(i, i + 1), torch.log_softmax(torch.from_numpy(logits_fn(row)).float(), -1)[None])
+                               for i, row in enumerate(ids.numpy())))
 
 
 def choose(candidates: list[Candidate], dtype_order: list[str]) -> Candidate | None:

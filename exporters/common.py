@@ -92,6 +92,7 @@ def summarize(samples: list[float]) -> dict:
         "max": max(samples),
         "spread": (max(samples) - min(samples)) / med if med else 0.0,
         "repeats": len(samples),
+        "samples": list(samples),
     }
 
 

@@ -45,6 +45,9 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
     art = report["result"]["artifacts"]["gguf"]
     assert (out / "model.q8_0.gguf").is_file() and art["bench"]["decode_tok_s"]["median"] > 0
     assert art["export"]["verification"]["top1_agreement"] > 0.5
+    # measured with the thread count the host profile's prediction assumes (ci-cpu: 1)
+    assert art["bench"]["threads"] == load_profile("ci-cpu").hardware.threads
+    assert art["host_prediction"]["profile"] == "ci-cpu" and art["host_prediction"]["decode_tok_s"] > 0
     for name in ("report.md", "frontier.png", "model/widths.png", "model/plan.json"):
         assert (out / name).is_file(), name
     assert "Chosen" in (out / "report.md").read_text()
