@@ -100,6 +100,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     t_start = time.perf_counter()
     timings = {}
     profile = load_profile(profile_name)
+    host = load_profile(host_profile) if host_profile else None  # a bad --host-profile fails now, not after the search
     targets = apply_overrides(profile.targets, min_tok_s, max_memory, max_ttft)
     dtypes = [dtype] if dtype else list(profile.export.dtypes)
     fmt = profile.export.format
@@ -195,7 +196,6 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
             artifacts[f] = {"path": str(out / name), "dtype": fd, "export": exp, "export_s": time.perf_counter() - t}
 
         t = time.perf_counter()
-        host = load_profile(host_profile) if host_profile else None
         # the host prediction is for the thread count its constants were measured with: bench with it
         bench_threads = threads or (host.hardware.threads if host is not None else None)
         for f, art in artifacts.items():
@@ -208,8 +208,12 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                 art["bench"] = bench_artifact(art["path"], threads=bench_threads, repeats=bench_rounds * bench_repeats)
             if host is not None and host.latency.backend == ("llama.cpp" if f == "gguf" else "onnxruntime"):
                 geom = search.geometry_of(pruned, None)
-                pred = latency.predict(geom, chosen.dtype, host.latency, prompt_tokens=art["bench"]["prompt_tokens"],
-                                       context=art["bench"]["prompt_tokens"] + art["bench"]["gen_tokens"])
+                try:
+                    pred = latency.predict(geom, chosen.dtype, host.latency, prompt_tokens=art["bench"]["prompt_tokens"],
+                                           context=art["bench"]["prompt_tokens"] + art["bench"]["gen_tokens"])
+                except EdgepruneError as exc:  # e.g. a host profile calibrated for another dtype: the fit still stands
+                    log(f"no host prediction from profile {host.name}: {exc}")
+                    continue
                 art["host_prediction"] = {"profile": host.name, "decode_tok_s": pred.decode_tok_s, "ttft_s": pred.ttft_s,
                                           "prefill_tok_s": pred.prefill_tok_s}
         timings["bench_s"] = time.perf_counter() - t

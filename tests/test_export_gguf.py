@@ -379,6 +379,25 @@ def test_logits_fn_and_bench(llama_cpp, tok, windows, tmp_path):
     assert r["peak_rss_mb"] > 0
 
 
+def test_bench_interleaved_pools_rounds_and_pairs(llama_cpp, tok, windows, tmp_path):
+    from edgeprune.bench import bench_interleaved, paired_ratio
+
+    paths = []
+    for name in ("a", "b"):
+        model = pruned_tiny(tok)
+        paths.append(tmp_path / f"{name}.gguf")
+        export(model, tok, paths[-1], windows, dtype="q8_0", verify=False)
+    a, b = bench_interleaved(paths, threads=1, rounds=3, repeats=2, prompt_tokens=16, gen_tokens=4)
+    for r in (a, b):
+        assert r["rounds"] == 3 and len(r["decode_round_medians"]) == 3
+        assert len(r["decode_tok_s"]["samples"]) == 6 and r["decode_tok_s"]["median"] > 0
+        assert r["prefill_tok_s"]["repeats"] == 6
+    # the same model measured back to back: the paired ratio is the median of per-round ratios
+    ratios = sorted(x / y for x, y in zip(a["decode_round_medians"], b["decode_round_medians"]))
+    assert paired_ratio(a, b) == ratios[1]
+    assert paired_ratio(a, a) == 1.0
+
+
 def test_bench_module_does_not_import_torch():
     code = "import sys, edgeprune.exporters.gguf; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -77,6 +77,9 @@ def test_fit_bad_inputs(tiny_dir, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("fit", "--profile", "ci-cpu", "--model", tiny_dir, "--out", tmp_path / "x", "--max-memory", "lots")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    # a bad host profile fails before any work, and nothing is written
+    r = run_cli("fit", "--profile", "ci-cpu", "--model", tiny_dir, "--out", tmp_path / "y", "--host-profile", tmp_path / "nope.toml")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "y").exists()
 
 
 def test_check_gate_exit_codes(tiny_dir, tmp_path):
