@@ -252,7 +252,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recover, calib, den
     if last is not None and last[0] == best:
         _, pruned, plan = last  # already saved under out/model
     else:
-        del last
+        last = trial = None  # free the rejected trial before pruning again
         plan = chosen.plan if best == "none" else with_recovery(chosen.plan, best)
         pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"},
                                          inplace=True)

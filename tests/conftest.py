@@ -6,7 +6,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# WikiText-2 lives beside the repository (../shared/data); a clone elsewhere (CI's clean clone)
+# finds it through $EDGEPRUNE_SHARED_DATA or this machine's shared folder.
+_DATA_CANDIDATES = [Path(p) for p in (os.environ.get("EDGEPRUNE_SHARED_DATA"),) if p] + [
+    REPO.parent / "shared" / "data", Path("/work/shared/data")]
+SHARED_DATA = next((d for d in _DATA_CANDIDATES if (d / "wikitext2-test.raw").is_file()), _DATA_CANDIDATES[0])
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +40,7 @@ def smollm2():
 def wikitext_test():
     path = SHARED_DATA / "wikitext2-test.raw"
     if not path.is_file():
-        pytest.skip(f"{path} not present (shared data lives beside the repository)")
+        pytest.skip(f"{path} not present (set EDGEPRUNE_SHARED_DATA to the folder holding WikiText-2)")
     return path
 
 
