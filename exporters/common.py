@@ -33,6 +33,23 @@ def verification_windows(tokenizer, seqlen: int = 256, n: int = 4) -> np.ndarray
     return token_windows(tokenizer, verification_text(), seqlen, max_windows=n).numpy()
 
 
+def torch_greedy(model, prompt, n_new: int) -> list[int]:
+    """Greedy continuation in torch with its KV cache: exactly `n_new` tokens, EOS ignored (the
+    reference both exporters compare the runtime's own cached decoding with)."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(prompt, dtype=np.int64), device=device)[None], use_cache=True)
+        tokens: list[int] = []
+        while True:
+            tokens.append(int(out.logits[0, -1].argmax()))
+            if len(tokens) == n_new:
+                return tokens
+            step = torch.tensor([[tokens[-1]]], device=device)
+            out = model(step, past_key_values=out.past_key_values, use_cache=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

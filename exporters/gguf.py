@@ -44,6 +44,7 @@ from edgeprune.exporters.common import (
     atomic_file,
     peak_rss_mb,
     summarize,
+    torch_greedy,
     verification_text,
     verification_windows,
 )
@@ -586,22 +587,6 @@ def llamacpp_greedy(llm, prompt, n_new: int) -> list[int]:
         out.append(tok)
         llm.eval([tok])
     return out
-
-
-def torch_greedy(model, prompt, n_new: int) -> list[int]:
-    """Greedy continuation in torch with its KV cache (the reference for llamacpp_greedy)."""
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(torch.as_tensor(np.asarray(prompt, dtype=np.int64), device=device)[None], use_cache=True)
-        tokens: list[int] = []
-        while True:
-            tokens.append(int(out.logits[0, -1].argmax()))
-            if len(tokens) == n_new:
-                return tokens
-            step = torch.tensor([[tokens[-1]]], device=device)
-            out = model(step, past_key_values=out.past_key_values, use_cache=True)
 
 
 def _tokenizer_samples(tokenizer) -> list[str]:

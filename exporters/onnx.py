@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.errors import EdgepruneError, VerificationError
-from edgeprune.exporters.common import GREEDY_TOKENS, MIN_TOP1_EXACT, atomic_dir
+from edgeprune.exporters.common import GREEDY_TOKENS, MIN_TOP1_EXACT, atomic_dir, torch_greedy
 from edgeprune.exporters.onnx_runtime import (  # noqa: F401  (public API of this module)
     MODEL_FILE,
     SIDECAR_FILE,
@@ -77,20 +77,8 @@ def export_onnx(model, tokenizer, out_dir, dtype: str = "fp32", verify: bool = T
             windows = verify_windows if verify_windows is not None else _default_windows(tokenizer)
             report["verification"] = verify_onnx(model, tmp, dtype, windows)
         _write_sidecar(tmp, infos, dtype, report)
-        _make_readable(tmp)
     report["path"] = str(out_dir)
     return report
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp (atomic_dir) and onnx's external-data writer create owner-only files: undo that."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 def _default_windows(tokenizer) -> np.ndarray:
@@ -226,7 +214,7 @@ def verify_onnx(model, onnx_dir, dtype: str, windows) -> dict:
     result = {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
     result.update(compare_logits(torch_logits_fn(model), dec.logits, windows))
     prompt = windows[0][: min(GREEDY_PROMPT, windows.shape[1])]
-    want = _torch_greedy(model, prompt, GREEDY_TOKENS)
+    want = torch_greedy(model, prompt, GREEDY_TOKENS)
     got = dec.generate(prompt, GREEDY_TOKENS)
     result["greedy_tokens"] = GREEDY_TOKENS
     result["greedy_match_prefix"] = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), len(want))
@@ -271,20 +259,6 @@ def _kv_check(dec: OnnxDecoder, window: np.ndarray) -> dict:
         "kv_max_abs_diff": diff,
         "kv_tolerance": KV_REL_TOL * max(10.0, float(np.abs(full).max())),
     }
-
-
-def _torch_greedy(model, prompt: np.ndarray, n: int) -> list[int]:
-    """Reference greedy continuation with torch's own KV cache (exactly n tokens, EOS ignored)."""
-    import torch
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model(torch.as_tensor(prompt, device=device)[None], use_cache=True)
-        tokens = [int(out.logits[0, -1].argmax())]
-        while len(tokens) < n:
-            out = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
 
 
 # ---------------------------------------------------------------- command line (torch-free)
