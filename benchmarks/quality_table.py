@@ -87,7 +87,7 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=None, help="tokens scored per protocol (default: all; 2048 with --quick)")
     ap.add_argument("--lora-steps", type=int, default=None, help="default 200 (30 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a CPU shared with other jobs)")
-    ap.add_argument("--export-check", action="store_true", help="export the 30%% FLAP model to GGUF (and ONNX if available), verified")
+    ap.add_argument("--export-check", action="store_true", help="export the 30%% FLAP model to GGUF and ONNX, verified")
     ap.add_argument("--out", default="benchmarks/results/quality_table.json")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG (and answers) from an existing --out JSON")
     args = ap.parse_args()
@@ -249,14 +249,11 @@ def export_check(model, tokenizer, folder: Path) -> dict:
             result["gguf"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         try:
             from edgeprune.exporters.onnx import export_onnx
-        except ImportError:
-            result["onnx"] = {"ok": None, "error": "edgeprune.exporters.onnx is not present in this tree"}
-        else:
-            try:
-                r = export_onnx(model, tokenizer, Path(tmp) / "flap30-onnx", dtype="fp32", verify=True)
-                result["onnx"] = {"ok": True, "verification": r.get("verification")}
-            except Exception as exc:
-                result["onnx"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+            r = export_onnx(model, tokenizer, Path(tmp) / "flap30-onnx", dtype="fp32", verify=True)
+            result["onnx"] = {"ok": True, "verification": r.get("verification")}
+        except Exception as exc:
+            result["onnx"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return result
 
 

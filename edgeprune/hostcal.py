@@ -85,17 +85,8 @@ class _Reporter:
         elif detail:
             self.fn(f"[{done + 1}/{total}] {detail}" if done < total else f"{label}: done")
 
+
 DEFAULT_DTYPE = {"llama.cpp": "q8_0", "onnxruntime": "int8"}
-
-
-def default_dtype(backend: str) -> str:
-    """q8_0 for llama.cpp; int8 for onnxruntime (f32 while the ONNX quantizing exporter is missing)."""
-    if backend == "onnxruntime":
-        try:
-            import edgeprune.exporters.onnx  # noqa: F401
-        except ImportError:
-            return "f32"
-    return DEFAULT_DTYPE[backend]
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,8 +261,7 @@ def backend_available(backend: str) -> tuple[bool, str]:
         elif backend == "onnxruntime":
             import onnxruntime  # noqa: F401
 
-            from edgeprune.exporters.onnx_graph import build_decoder  # noqa: F401
-            from edgeprune.exporters.onnx_runtime import OnnxDecoder  # noqa: F401
+            from edgeprune.exporters.onnx import OnnxDecoder, export_onnx  # noqa: F401
         else:
             return False, f"unknown backend {backend}"
     except ImportError as exc:
@@ -291,22 +281,12 @@ def export_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, pro
         say(f"{shape.name}: exporting {dtype} GGUF")
         export_gguf(model, tok, path, dtype=dtype, verify=False)
     else:
+        from edgeprune.exporters.onnx import export_onnx
+
         path = workdir / f"{shape.name}.{dtype}.onnx-dir"  # an ONNX export is a directory
         say(f"{shape.name}: exporting {dtype} ONNX")
-        try:
-            from edgeprune.exporters.onnx import export_onnx
-        except ImportError:
-            export_onnx = None
-        if export_onnx is not None:
-            export_onnx(model, tok, path, **_onnx_export_kwargs(dtype))
-        elif dtype == "f32":  # the graph writer alone (no quantizer) is enough for fp32
-            from edgeprune.exporters.onnx_graph import build_decoder
-            from edgeprune.exporters.onnx_runtime import MODEL_FILE
-
-            path.mkdir(parents=True, exist_ok=True)
-            build_decoder(model, path / MODEL_FILE)
-        else:
-            raise EdgepruneError(f"ONNX {dtype} needs edgeprune.exporters.onnx (not installed yet); use dtype f32")
+        # the ONNX exporter names f32 "fp32"; latency dtypes are shared with GGUF
+        export_onnx(model, tok, path, dtype={"f32": "fp32"}.get(dtype, dtype), verify=False)
     del model
     gc.collect()
     return path, geometry
@@ -477,23 +457,6 @@ def measure_shape(shape: SynthShape, backend: str, dtype: str, workdir: Path, th
     """
     return measure_shapes([shape], backend, [dtype], workdir, threads, prompt_tokens, gen_tokens, repeats, progress,
                           timing, rounds)[0]
-
-
-def _onnx_export_kwargs(dtype: str) -> dict:
-    """Keyword arguments for export_onnx: the exporter's own dtype name, no verification."""
-    import inspect
-
-    from edgeprune.exporters.onnx import export_onnx
-
-    params = inspect.signature(export_onnx).parameters
-    kw: dict = {}
-    if "dtype" in params:
-        kw["dtype"] = {"f32": "fp32"}.get(dtype, dtype)  # the ONNX exporter's names: fp32, int8, int4
-    elif "quantize" in params:
-        kw["quantize"] = None if dtype in ("f32", "f16") else dtype
-    if "verify" in params:
-        kw["verify"] = False
-    return kw
 
 
 def _path_bytes(path: Path) -> int:
@@ -688,7 +651,7 @@ def _dtypes_arg(backend: str, dtype) -> tuple[str, ...]:
     from edgeprune.profiles import FORMAT_DTYPES
 
     if dtype is None:
-        dts = (default_dtype(backend),)
+        dts = (DEFAULT_DTYPE[backend],)
     elif isinstance(dtype, str):
         dts = tuple(d.strip() for d in dtype.split(",") if d.strip())
     else:

@@ -272,14 +272,11 @@ def test_stored_bytes_equal_gguf_tensor_bytes(dtype, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["f32", "int8", "int4"])
 def test_stored_bytes_equal_onnx_initializer_bytes(dtype, tmp_path):
-    try:
-        from edgeprune.exporters.onnx import export_onnx
-    except ImportError as exc:
-        pytest.skip(f"ONNX exporter not available: {exc}")
     import onnx
     from onnx import numpy_helper
 
     from edgeprune.arch import layers, resize_layer
+    from edgeprune.exporters.onnx import export_onnx
     from edgeprune.testing import tiny_llama
 
     model, tok = tiny_llama(hidden=64, layers=3, heads=4, kv_heads=2, ffn=192)
@@ -399,12 +396,6 @@ def test_hostcal_smoke_two_tiny_shapes(tmp_path):
 
 
 def test_hostcal_onnx_smoke(tmp_path):
-    try:
-        import onnxruntime  # noqa: F401
-
-        from edgeprune.exporters.onnx import export_onnx  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"ONNX exporter not available yet: {exc}")
     from edgeprune.hostcal import SynthShape, measure_shape
 
     s = SynthShape("tiny-onnx", 128, 2, 2, 1, 256, 384)
