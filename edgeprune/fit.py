@@ -109,6 +109,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     bad = [f for f in formats if f not in ("gguf", "onnx")]
     if bad:
         raise EdgepruneError(f"--formats takes gguf and/or onnx, got {', '.join(bad)}")
+    recoveries = [r.strip() for r in (recover or "").split(",") if r.strip() not in ("", "none")]
     out = Path(out)
     report = run_header("fit", dict(model=model_spec, profile=profile_name, out=out, min_tok_s=min_tok_s, max_memory=max_memory,
                                     max_ttft=max_ttft, dtype=dtype, formats=list(formats), nsamples=nsamples, seqlen=seqlen, seed=seed))
@@ -128,7 +129,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     desc = {**desc, "nsamples": nsamples, "tokens": int(calib.numel()), "heldout_samples": heldout}
     # Recovery of the chosen model (lstsq is the best retraining-free variant at 30% in
     # benchmarks/quality_table.py) needs the Gram matrices of the same pass.
-    stats = calibrate(lm.model, calib, gram=any(needs(r.strip())["gram"] for r in (recover or "none").split(",")), description=desc, progress=(lambda i, n: progress("calibration pass", i, n)) if progress else None)
+    stats = calibrate(lm.model, calib, gram=any(needs(r)["gram"] for r in recoveries), description=desc, progress=(lambda i, n: progress("calibration pass", i, n)) if progress else None)
     dense_lp = search.dense_logprobs(lm.model, held)
     timings["calibration_s"] = time.perf_counter() - t
 
@@ -183,7 +184,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
 
         log(f"chosen: {chosen.label}: {chosen.check.describe()}; quality KL {chosen.quality:.4f}")
         t = time.perf_counter()
-        pruned, plan = _prune_with_best_recovery(lm, stats, chosen, base, desc, recover, calib, dense_lp, held, out, report, log)
+        pruned, plan = _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log)
         timings["prune_s"] = time.perf_counter() - t
 
         artifacts = {}
@@ -226,8 +227,8 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     return report, 0
 
 
-def _prune_with_best_recovery(lm, stats, chosen, base, desc, recover, calib, dense_lp, held, out, report, log):
-    """Prune the chosen plan, trying each recovery in `recover` ("lstsq,bias"): keep the one with the
+def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log):
+    """Prune the chosen plan, trying each recovery in `recoveries` (["lstsq", "bias"]): keep the one with the
     lowest held-out KL, or none. Closed-form recovery can overfit a small calibration set (lstsq
     wants ~10x the FFN width in tokens), so held-out text decides, not the calibration fit."""
     from edgeprune.methods import with_recovery
@@ -240,7 +241,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recover, calib, den
         return pruned, plan
     tried = {"none": chosen.kl_structure}
     last = trial = None  # (name, model, plan) of the newest trial: its checkpoint is the one on disk
-    for name in [r.strip() for r in (recover or "").split(",") if r.strip() and r.strip() != "none"]:
+    for name in recoveries:
         last = trial = None  # free the previous trial before building the next
         plan = with_recovery(chosen.plan, name)
         trial, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
