@@ -99,6 +99,44 @@ def tiny_llama(
     return model, tokenizer
 
 
+def slice_layers(model, plan: dict, drop=(), bias_std: float = 0.3, generator=None):
+    """Hand-prune layers in place, bypassing the planner, for exporter tests of odd shapes.
+
+    plan[i] = (kept query heads, kept KV heads, FFN width, down_proj bias, o_proj bias): the
+    first `FFN width` channels stay; kept query heads must still map onto the kept KV heads in
+    order (GQA groups stay intact). Flagged biases get N(0, bias_std) values, like FLAP's
+    compensation leaves on the residual stream. `drop` removes whole layers afterwards.
+    """
+    from edgeprune.arch import LayerShape, head_dim, keep_layers, resize_layer
+
+    hd = head_dim(model)
+
+    def rows(heads):
+        return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+
+    for i, (q_keep, kv_keep, ffn, down_bias, o_bias) in plan.items():
+        layer = model.model.layers[i]
+        old = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        resize_layer(layer, LayerShape(len(q_keep), len(kv_keep), ffn, down_bias, o_bias), hd)
+        a, m = layer.self_attn, layer.mlp
+        q, kv = rows(q_keep), rows(kv_keep)
+        with torch.no_grad():
+            a.q_proj.weight.copy_(old["self_attn.q_proj.weight"][q])
+            a.k_proj.weight.copy_(old["self_attn.k_proj.weight"][kv])
+            a.v_proj.weight.copy_(old["self_attn.v_proj.weight"][kv])
+            a.o_proj.weight.copy_(old["self_attn.o_proj.weight"][:, q])
+            m.gate_proj.weight.copy_(old["mlp.gate_proj.weight"][:ffn])
+            m.up_proj.weight.copy_(old["mlp.up_proj.weight"][:ffn])
+            m.down_proj.weight.copy_(old["mlp.down_proj.weight"][:, :ffn])
+            if down_bias:
+                m.down_proj.bias.normal_(0.0, bias_std, generator=generator)
+            if o_bias:
+                a.o_proj.bias.normal_(0.0, bias_std, generator=generator)
+    if drop:
+        keep_layers(model, [i for i in range(len(model.model.layers)) if i not in drop])
+    return model
+
+
 def save_tiny_llama(out: Path, **kwargs) -> Path:
     from edgeprune.models import save_hf
 

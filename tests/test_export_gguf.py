@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from edgeprune.arch import LayerShape, head_dim, keep_layers, layer_shapes, resize_layer
+from edgeprune.arch import layer_shapes
 from edgeprune.errors import EdgepruneError, VerificationError
 from edgeprune.exporters import gguf as G
 from edgeprune.exporters.common import verification_windows
-from edgeprune.testing import tiny_llama, tiny_tokenizer
+from edgeprune.testing import slice_layers, tiny_llama, tiny_tokenizer
 
 THREADS = 1
 
@@ -60,44 +60,11 @@ def read_gguf(path):
     return fields, {t.name: t for t in reader.tensors}
 
 
-def prune(model, plan: dict, drop: list[int] = ()):
-    """Slice layers in place: plan[i] = (kept query heads, kept KV heads, FFN width, down bias, o bias).
-
-    Kept query heads must still map onto the kept KV heads in order (GQA groups stay intact).
-    """
-    hd = head_dim(model)
-
-    def rows(heads):
-        return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
-
-    for i, (q_keep, kv_keep, ffn, down_bias, o_bias) in plan.items():
-        layer = model.model.layers[i]
-        old = {n: p.detach().clone() for n, p in layer.named_parameters()}
-        resize_layer(layer, LayerShape(len(q_keep), len(kv_keep), ffn, down_bias, o_bias), hd)
-        a, m = layer.self_attn, layer.mlp
-        q, kv = rows(q_keep), rows(kv_keep)
-        with torch.no_grad():
-            a.q_proj.weight.copy_(old["self_attn.q_proj.weight"][q])
-            a.k_proj.weight.copy_(old["self_attn.k_proj.weight"][kv])
-            a.v_proj.weight.copy_(old["self_attn.v_proj.weight"][kv])
-            a.o_proj.weight.copy_(old["self_attn.o_proj.weight"][:, q])
-            m.gate_proj.weight.copy_(old["mlp.gate_proj.weight"][:ffn])
-            m.up_proj.weight.copy_(old["mlp.up_proj.weight"][:ffn])
-            m.down_proj.weight.copy_(old["mlp.down_proj.weight"][:, :ffn])
-            if down_bias:  # what FLAP compensation leaves: a bias on the residual stream
-                m.down_proj.bias.normal_(0.0, 0.3)
-            if o_bias:
-                a.o_proj.bias.normal_(0.0, 0.3)
-    if drop:
-        keep_layers(model, [i for i in range(len(model.model.layers)) if i not in drop])
-    return model
-
-
 def pruned_tiny(tok, down_bias=False, o_bias=False):
     """4 -> 3 layers; per-layer query heads 4/2/2, KV heads 2/1/2, FFN widths 192/128/96."""
     model, _ = tiny_llama(tok)
     plan = {1: ([0, 1], [0], 128, down_bias, False), 2: ([0, 2], [0, 1], 96, False, o_bias)}
-    return prune(model, plan, drop=[3])
+    return slice_layers(model, plan, drop=[3])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,7 +100,7 @@ def test_llamacpp_fallback_is_an_error(llama_cpp, tok, tmp_path):
 
 def test_block_size_error_names_tensor(tok, tmp_path):
     model, _ = tiny_llama(tok)
-    prune(model, {2: ([0, 1, 2, 3], [0, 1], 100, False, False)})
+    slice_layers(model, {2: ([0, 1, 2, 3], [0, 1], 100, False, False)})
     with pytest.raises(EdgepruneError, match=r"q4_0 stores blocks of 32 values, but blk\.2\.ffn_down\.weight has rows of 100"):
         G.export_gguf(model, tok, tmp_path / "m.gguf", dtype="q4_0")
 
@@ -141,7 +108,7 @@ def test_block_size_error_names_tensor(tok, tmp_path):
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 def test_refuses_unsupported_shapes(tok, tmp_path):
     model, _ = tiny_llama(tok)
-    prune(model, {1: ([0, 1, 2, 3], [0, 1], 0, False, False)})
+    slice_layers(model, {1: ([0, 1, 2, 3], [0, 1], 0, False, False)})
     with pytest.raises(EdgepruneError, match="layer 1 has FFN width 0"):
         G.export_gguf(model, tok, tmp_path / "m.gguf")
     with pytest.raises(EdgepruneError, match="unknown GGUF dtype"):
@@ -198,7 +165,7 @@ def test_flap_biases_exported_and_verified(llama_cpp, tok, windows, tmp_path, un
     # llama.cpp's llama and deci graphs both take optional attn_output.bias and ffn_down.bias
     model, _ = tiny_llama(tok)
     if uniform:
-        prune(model, {1: ([0, 1, 2, 3], [0, 1], 192, True, True)})
+        slice_layers(model, {1: ([0, 1, 2, 3], [0, 1], 192, True, True)})
     else:
         model = pruned_tiny(tok, down_bias=True, o_bias=True)
     report = export(model, tok, tmp_path / "m.gguf", windows)

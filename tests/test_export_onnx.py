@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgeprune.arch import LayerShape, head_dim, keep_layers, resize_layer
 from edgeprune.errors import EdgepruneError, VerificationError
 from edgeprune.exporters import onnx_graph
 from edgeprune.exporters.onnx import OnnxDecoder, bench_onnx, export_onnx, ort_logits_fn
-from edgeprune.testing import tiny_llama
+from edgeprune.testing import slice_layers, tiny_llama
 
 # Short windows keep each export at a second or two; the real 4 x 256 default runs in the
 # integration test.
@@ -38,41 +37,15 @@ def tiny():
     return tiny_llama()
 
 
-def _slice_linear(lin, rows=None, cols=None, like=None):
-    w = lin.weight.data
-    w = w[:rows] if rows is not None else w
-    w = w[:, :cols] if cols is not None else w
-    like.weight.data.copy_(w)
-
-
 def pruned_tiny(bias_scale: float = 0.1):
     """Tiny Llama with per-layer FFN widths and head counts, o/down biases and one dropped layer."""
     model, tok = tiny_llama(layers=4, heads=4, kv_heads=2, ffn=192)
-    hd = head_dim(model)
-    shapes = {
-        0: LayerShape(n_heads=4, n_kv_heads=2, ffn=96, ffn_bias=True, attn_out_bias=True),
-        1: LayerShape(n_heads=3, n_kv_heads=1, ffn=160, ffn_bias=True),
-        3: LayerShape(n_heads=2, n_kv_heads=2, ffn=64, attn_out_bias=True),
+    plan = {
+        0: ([0, 1, 2, 3], [0, 1], 96, True, True),
+        1: ([0, 1, 2], [0], 160, True, False),
+        3: ([0, 1], [0, 1], 64, False, True),
     }
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for i, shape in shapes.items():
-            layer = model.model.layers[i]
-            old = {n: getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            old |= {n: getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")}
-            resize_layer(layer, shape, hd)
-            attn, mlp = layer.self_attn, layer.mlp
-            _slice_linear(old["q_proj"], rows=shape.n_heads * hd, like=attn.q_proj)
-            _slice_linear(old["k_proj"], rows=shape.n_kv_heads * hd, like=attn.k_proj)
-            _slice_linear(old["v_proj"], rows=shape.n_kv_heads * hd, like=attn.v_proj)
-            _slice_linear(old["o_proj"], cols=shape.n_heads * hd, like=attn.o_proj)
-            _slice_linear(old["gate_proj"], rows=shape.ffn, like=mlp.gate_proj)
-            _slice_linear(old["up_proj"], rows=shape.ffn, like=mlp.up_proj)
-            _slice_linear(old["down_proj"], cols=shape.ffn, like=mlp.down_proj)
-            for lin in (attn.o_proj, mlp.down_proj):
-                if lin.bias is not None:
-                    lin.bias.copy_(torch.randn(lin.out_features, generator=gen) * bias_scale)
-    keep_layers(model, [0, 1, 3])
+    slice_layers(model, plan, drop=[2], bias_std=bias_scale, generator=torch.Generator().manual_seed(1))
     return model.eval(), tok
 
 
@@ -119,14 +92,7 @@ def test_pruned_model_with_biases_verifies(tmp_path):
 def test_zero_width_ffn_layer_verifies(tmp_path):
     """A layer whose FFN was pruned away entirely keeps attention and its down_proj bias."""
     model, tok = tiny_llama()
-    layer = model.model.layers[1]
-    attn = layer.self_attn
-    kept = {n: getattr(attn, n).weight.detach().clone() for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    resize_layer(layer, LayerShape(n_heads=4, n_kv_heads=2, ffn=0, ffn_bias=True), head_dim(model))
-    with torch.no_grad():
-        for n, w in kept.items():
-            getattr(attn, n).weight.copy_(w)
-        layer.mlp.down_proj.bias.normal_()
+    slice_layers(model, {1: ([0, 1, 2, 3], [0, 1], 0, True, False)}, bias_std=1.0)
     report = export_onnx(model, tok, tmp_path / "onnx", verify_windows=WINDOWS)
     _check_passed(report)
     assert report["quantization"] is None
@@ -230,17 +196,7 @@ def test_optimum_ort_model_generates(tiny, tmp_path, case):
 def _ffn_pruned():
     """Per-layer FFN widths only (attention untouched)."""
     model, tok = tiny_llama()
-    with torch.no_grad():
-        for i, ffn in enumerate((96, 160, 192, 64)):
-            mlp = model.model.layers[i].mlp
-            gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-            mlp.gate_proj = torch.nn.Linear(gate.in_features, ffn, bias=False)
-            mlp.up_proj = torch.nn.Linear(up.in_features, ffn, bias=False)
-            mlp.down_proj = torch.nn.Linear(ffn, down.out_features, bias=False)
-            _slice_linear(gate, rows=ffn, like=mlp.gate_proj)
-            _slice_linear(up, rows=ffn, like=mlp.up_proj)
-            _slice_linear(down, cols=ffn, like=mlp.down_proj)
-    return model, tok
+    return slice_layers(model, {i: ([0, 1, 2, 3], [0, 1], ffn, False, False) for i, ffn in enumerate((96, 160, 192, 64))}), tok
 
 
 def test_bench_cli_is_torch_free(tiny, tmp_path):
