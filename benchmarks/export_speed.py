@@ -35,7 +35,7 @@ from edgeprune.hostcal import host_description
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 ONNX_DTYPES = ("fp32", "int8", "int4")
-LATENCY_DTYPE = {"fp32": "f32", "int8": "int8", "int4": "int4"}
+LATENCY_DTYPE = {"fp32": "f32"}  # edgeprune.latency names ONNX fp32 "f32"; the other names are shared
 PAIRS = (("f32", "fp32"), ("q8_0", "int8"), ("q4_0", "int4"))  # llama.cpp vs onnxruntime, same weight precision
 
 
