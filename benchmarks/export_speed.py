@@ -31,7 +31,7 @@ from edgeprune.fit import export_artifact
 from edgeprune.models import load_model
 from edgeprune.pipeline import base_of, calibration_pass
 from edgeprune.prune import make_plan, pruned_copy
-from edgeprune.hostcal import host_description
+from edgeprune.hostperf.host import host_description
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 ONNX_DTYPES = ("fp32", "int8", "int4")

@@ -114,7 +114,7 @@ def main():
             configs += [dict(sparsity=0.3, score="cfsp", allocation="cfsp", drop_layers=0, temperature=t) for t in (5.0, 10.0, 40.0)]
         for cfg in configs:
             t0 = time.perf_counter()
-            plan = make_plan(lm.model, stats, base_of(lm), **cfg)
+            plan = make_plan(lm.model, stats, base_of(lm), method=cfg["allocation"], **{k: v for k, v in cfg.items() if k != "allocation"})
             pruned = pruned_copy(lm.model, plan)
             prune_s = time.perf_counter() - t0
             ppl = perplexity(pruned, windows)["perplexity"]

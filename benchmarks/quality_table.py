@@ -66,7 +66,7 @@ class PeakRSS:
 
 
 def selections(quick: bool):
-    """(key, label, make_method_plan kwargs, recoveries at 20/50 %, recoveries at 30 %)."""
+    """(key, label, make_plan kwargs, recoveries at 20/50 %, recoveries at 30 %)."""
     lora = "lora"
     return [
         ("cfsp", "cfsp", dict(method="cfsp"), ["none"], ["none", "bias", "lstsq", "mask", lora] + ([] if quick else ["bias+lora"])),
@@ -106,7 +106,7 @@ def main():
     from edgeprune.calibrate import calibrate
     from edgeprune.data import calibration_ids
     from edgeprune.evaluate import load_text, perplexity, token_windows
-    from edgeprune.methods import make_method_plan, with_recovery
+    from edgeprune.prune import make_plan, with_recovery
     from edgeprune.models import load_model
     from edgeprune.pipeline import base_of
     from edgeprune.prune import pruned_copy
@@ -158,7 +158,7 @@ def main():
             with PeakRSS() as rss_plan:
                 t0 = time.perf_counter()
                 try:
-                    sel = make_method_plan(lm.model, stats, base, p, target="linear", recover="none", **kwargs)
+                    sel = make_plan(lm.model, stats, base, p, target="linear", recover="none", **kwargs)
                 except Exception as exc:  # e.g. a budget the method cannot meet: record it, go on
                     record["rows"].append({"sparsity": p, "selection": key, "error": str(exc)})
                     print(f"{p:8.2f} {label:28s} error: {exc}", flush=True)

@@ -11,7 +11,60 @@ import torch
 from torch import nn
 
 from edgeprune import arch
+from edgeprune.errors import EdgepruneError
 from edgeprune.plan import PrunePlan
+
+
+def _index_list(value, bound: int, what: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise EdgepruneError(f"plan: {what} must be a non-empty list of indices")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise EdgepruneError(f"plan: {what} must hold integers only")
+    if value[0] < 0 or value[-1] >= bound or any(b <= a for a, b in zip(value, value[1:])):
+        bad = next((i for i in value if not 0 <= i < bound), None)
+        why = f"index {bad} is outside 0..{bound - 1}" if bad is not None else "indices must be sorted and unique"
+        raise EdgepruneError(f"plan: {what}: {why}")
+
+
+def _dims(geometry) -> dict:
+    keys = ("num_layers", "ffn", "kv_heads")
+    if not isinstance(geometry, dict) or not all(isinstance(geometry.get(k), int) and geometry[k] > 0 for k in keys):
+        raise EdgepruneError("plan: its base must record positive integer num_layers, ffn and kv_heads")
+    return {k: geometry[k] for k in keys}
+
+
+def check_plan(plan: PrunePlan, geometry: dict | None = None) -> None:
+    """Refuse a plan that cannot be applied to a dense model of `geometry` (num_layers, ffn,
+    kv_heads; default: the plan's own base record): no kept layer, layer or channel indices out of
+    range, negative, duplicated or unsorted, non-boolean bias flags. One-line EdgepruneErrors,
+    before any weight is touched."""
+    for name in ("base", "method", "calibration", "achieved"):
+        if not isinstance(getattr(plan, name, None), dict):
+            raise EdgepruneError(f"plan: '{name}' must be a JSON object")
+    dims = _dims(plan.base if geometry is None else geometry)
+    if geometry is not None:
+        _dims(plan.base)
+    layers = plan.layers
+    if not isinstance(layers, list) or not layers:
+        raise EdgepruneError("plan: 'layers' is empty: a plan must keep at least one decoder layer")
+    _index_list([getattr(lp, "index", None) for lp in layers], dims["num_layers"], "the kept layers' 'index'")
+    dropped = plan.dropped_layers
+    if dropped:
+        _index_list(sorted(dropped) if all(isinstance(i, int) for i in dropped) else dropped, dims["num_layers"], "'dropped_layers'")
+        if set(dropped) & {lp.index for lp in layers}:
+            raise EdgepruneError("plan: a layer is both kept and in 'dropped_layers'")
+    for lp in layers:
+        _index_list(lp.ffn_keep, dims["ffn"], f"layer {lp.index} 'ffn_keep'")
+        _index_list(lp.kv_keep, dims["kv_heads"], f"layer {lp.index} 'kv_keep'")
+        if not isinstance(lp.ffn_bias, bool) or not isinstance(lp.attn_out_bias, bool):
+            raise EdgepruneError(f"plan: layer {lp.index} 'ffn_bias' and 'attn_out_bias' must be true or false")
+
+
+def model_geometry(model) -> dict:
+    """The dense model's dimensions `check_plan` compares a plan with (read off the modules)."""
+    layer = arch.layers(model)[0]
+    return {"num_layers": len(arch.layers(model)), "ffn": layer.mlp.down_proj.in_features,
+            "kv_heads": layer.self_attn.k_proj.out_features // arch.head_dim(model)}
 
 
 def _sliced(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
@@ -67,6 +120,7 @@ def _ensure_bias(lin: nn.Linear) -> None:
 @torch.no_grad()
 def apply_plan(model, plan: PrunePlan) -> None:
     """Prune `model` (the dense base of `plan`) in place."""
+    check_plan(plan, model_geometry(model))
     hd = arch.head_dim(model)
     arch.keep_layers(model, [lp.index for lp in plan.layers])
     for layer, lp in zip(arch.layers(model), plan.layers):

@@ -7,24 +7,10 @@ rebuild them from a list of `LayerShape` before loading weights (never `ignore_m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-import torch
 from torch import nn
 
+from edgeprune.geometry import LayerShape, ModelGeometry
 from edgeprune.hf_modeling import resize_layer  # noqa: F401  (one implementation, shared with checkpoints)
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    n_heads: int
-    n_kv_heads: int
-    ffn: int
-    ffn_bias: bool = False  # bias on down_proj (FLAP compensation / mask folding)
-    attn_out_bias: bool = False  # bias on o_proj (FLAP compensation for pruned heads)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def layers(model) -> nn.ModuleList:
@@ -52,15 +38,16 @@ def layer_shapes(model) -> list[LayerShape]:
     return [layer_shape(layer, hd) for layer in layers(model)]
 
 
-def is_uniform(model) -> bool:
-    """True when every layer has the dense config's shape (no per-layer arrays needed)."""
-    cfg = model.config
-    return all(
-        s.n_heads == cfg.num_attention_heads
-        and s.n_kv_heads == cfg.num_key_value_heads
-        and s.ffn == cfg.intermediate_size
-        for s in layer_shapes(model)
-    )
+def geometry(model, name: str = "") -> ModelGeometry:
+    """The model's geometry as its modules say (what a loaded or pruned model really is)."""
+    emb = model.model.embed_tokens
+    lm_head = getattr(model, "lm_head", None)
+    tied = lm_head is None or lm_head.weight is emb.weight or lm_head.weight.data_ptr() == emb.weight.data_ptr()
+    first = layers(model)[0].self_attn.q_proj if len(layers(model)) else None
+    return ModelGeometry(hidden=emb.embedding_dim, vocab=emb.num_embeddings, head_dim=head_dim(model),
+                         layers=tuple(layer_shapes(model)), tied=bool(tied),
+                         qkv_bias=bool(first is not None and first.bias is not None),
+                         name=name or getattr(model.config, "_name_or_path", "") or "")
 
 
 def keep_layers(model, keep: list[int]) -> None:
@@ -96,16 +83,3 @@ def param_counts(model) -> dict[str, int]:
         "linear": attn + ffn,
         "total": emb + head + attn + ffn + norms,
     }
-
-
-@torch.no_grad()
-def state_fingerprint(model) -> str:
-    """sha256 over every tensor in the state dict, in name order: identifies a model's weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()

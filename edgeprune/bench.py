@@ -26,7 +26,7 @@ def artifact_format(path: str | Path) -> str:
 def bench_artifact(path: str | Path, threads: int | None = None, prompt_tokens: int = 128, gen_tokens: int = 64,
                    repeats: int = 3, timeout: float = 1800) -> dict:
     fmt = artifact_format(path)
-    module = {"gguf": "edgeprune.exporters.gguf", "onnx": "edgeprune.exporters.onnx"}[fmt]
+    module = {"gguf": "edgeprune.exporters.llamacpp", "onnx": "edgeprune.exporters.onnx"}[fmt]
     cmd = [sys.executable, "-m", module, "bench", str(path), "--prompt-tokens", str(prompt_tokens),
            "--gen-tokens", str(gen_tokens), "--repeats", str(repeats)]
     if threads:

@@ -8,8 +8,10 @@ Layout of a checkpoint directory:
   plan.json                the PrunePlan (what was kept, from which base model)
   tokenizer files, generation_config.json
 
-edgeprune reloads it with `load_pruned`; plain transformers users with
-`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+edgeprune reloads it with `load_pruned`, which never executes modeling_edgeprune.py (or any code
+in the directory): it builds edgeprune's own LlamaForCausalLM from config.json, resizes each layer
+to `edgeprune_layer_shapes` and reads the safetensors weights. Plain transformers users may opt in
+with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def save_pruned(model, tokenizer, plan: PrunePlan, out: Path) -> None:
 def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, spec: str | None = None):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from edgeprune.models import LoadedModel, _dir_fingerprint
+    from edgeprune.models import LoadedModel, _dir_fingerprint, _first_line, check_safetensors
 
     path = Path(path)
     plan = PrunePlan.load(path / "plan.json")
@@ -58,15 +60,24 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
     cfg_dict["architectures"] = ["LlamaForCausalLM"]
     if not shapes:
         raise EdgepruneError(f"{path}/config.json has no edgeprune_layer_shapes: not an edgeprune checkpoint")
-    config = LlamaConfig.from_dict(cfg_dict)
-    model = LlamaForCausalLM(config)
-    hd = arch.head_dim(model)
-    for layer, shape in zip(arch.layers(model), shapes):
-        arch.resize_layer(layer, shape, hd)
+    if not isinstance(shapes, list) or len(shapes) != cfg_dict.get("num_hidden_layers") or not all(isinstance(s, dict) for s in shapes):
+        raise EdgepruneError(f"{path}/config.json: edgeprune_layer_shapes does not list one shape per layer (num_hidden_layers)")
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise EdgepruneError(f"{weights} is missing: the checkpoint is incomplete")
-    state = load_file(str(weights))
+    check_safetensors(weights)
+    try:
+        config = LlamaConfig.from_dict(cfg_dict)
+        model = LlamaForCausalLM(config)  # edgeprune's class, never the directory's modeling_edgeprune.py
+        hd = arch.head_dim(model)
+        for layer, shape in zip(arch.layers(model), shapes):
+            arch.resize_layer(layer, shape, hd)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise EdgepruneError(f"{path}/config.json does not describe a model edgeprune can build: {_first_line(exc)}") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors' own error type is not importable by a stable name
+        raise EdgepruneError(f"{weights} cannot be read ({_first_line(exc)}): re-create the checkpoint") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
@@ -74,5 +85,8 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
     if config.tie_word_embeddings:
         model.tie_weights()
     model = model.to(device=device, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise EdgepruneError(f"cannot load the tokenizer in {path}: {_first_line(exc)}") from None
     return LoadedModel(model, tokenizer, spec or str(path), str(path.resolve()), _dir_fingerprint(path), plan=plan)

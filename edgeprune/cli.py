@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ MODEL_HELP = "smollm2-135m (embedded default), a .gguf file, a model directory, 
 DeviceOpt = typer.Option("cpu", "--device", help="torch device (cpu, cuda, mps)")
 DtypeOpt = typer.Option("float32", "--dtype", help="torch compute dtype (float32 is fastest on CPUs without bf16)")
 JsonOpt = typer.Option(False, "--json", help="print a JSON record instead of a table")
+ForceOpt = typer.Option(False, "--force", help="replace an earlier edgeprune output at --out (never anything edgeprune did not write)")
 
 
 def _load(spec: Optional[str], device: str, dtype: str):
@@ -37,6 +39,99 @@ def _load(spec: Optional[str], device: str, dtype: str):
     lm = load_model(spec, device=device, dtype=dtype, progress=ui.info)
     ui.info(f"loaded {lm.spec} ({sum(p.numel() for p in lm.model.parameters()) / 1e6:.1f}M parameters) in {time.perf_counter() - t:.1f}s")
     return lm
+
+
+# ----------------------------------------------------------------------------------- validation
+# Every user-supplied value is checked here, before a model is loaded or anything is measured:
+# a bad value is exit 2 with one line, never a failure minutes later.
+def _int_at_least(flag: str, value: Optional[int], minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise EdgepruneError(f"{flag} must be at least {minimum}, got {value}")
+
+
+def _positive_finite(flag: str, value: Optional[float]) -> None:
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise EdgepruneError(f"{flag} must be a positive finite number, got {value}")
+
+
+def _check_model(spec: Optional[str], device: str = "cpu", dtype: str = "float32", flag: str = "model") -> dict:
+    """Device, compute dtype and the model argument; returns what its metadata says about its shape."""
+    from edgeprune.models import check_device, check_model_spec, peek_geometry, torch_dtype_of
+
+    check_device(device)
+    torch_dtype_of(dtype)
+    check_model_spec(spec, flag)
+    return peek_geometry(spec)
+
+
+def _warn_context(geometry: dict, seqlen: int) -> None:
+    ctx = geometry.get("context")
+    if isinstance(ctx, int) and seqlen > ctx:
+        ui.warn(f"--seqlen {seqlen} is beyond the model's context of {ctx} tokens: positions past it were never trained")
+
+
+def _check_text(path: Path, flag: str = "--text") -> None:
+    if path.is_dir():
+        raise EdgepruneError(f"{flag} {path} is a directory: pass a UTF-8 text file")
+    if not path.is_file():
+        raise EdgepruneError(f"{flag} {path}: no such file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EdgepruneError(f"{flag} {path}: {exc.strerror}") from None
+    if b"\x00" in data:
+        raise EdgepruneError(f"{flag} {path} is a binary file (it contains NUL bytes): pass UTF-8 text")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgepruneError(f"{flag} {path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def _check_artifact(path: Path, flag: str = "artifact") -> None:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise EdgepruneError(f"{flag} {path} is not a .gguf file or an ONNX export directory")
+        return
+    if path.is_dir():
+        if not (path / "model.onnx").is_file():
+            raise EdgepruneError(f"{flag} {path} is a directory without model.onnx: pass an edgeprune ONNX export")
+        return
+    raise EdgepruneError(f"{flag} {path}: no such file or directory")
+
+
+def _check_bench_counts(threads: Optional[int], repeats: int, prompt_tokens: int = 1, gen_tokens: int = 1) -> None:
+    _int_at_least("--threads", threads, 1)
+    _int_at_least("--repeats", repeats, 1)
+    _int_at_least("--prompt-tokens", prompt_tokens, 1)
+    _int_at_least("--gen-tokens", gen_tokens, 1)
+
+
+def _check_memory(value: str) -> None:
+    """fit --max-memory: a size with its unit; a bare number or a size below 1 MB is refused,
+    never read as bytes or rounded to nothing."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+    if m is None:
+        raise EdgepruneError(f"--max-memory {value!r} is not a size: write e.g. 300MB or 1.5GiB")
+    if not m.group(2):
+        raise EdgepruneError(f"--max-memory {value} needs a unit: write e.g. {m.group(1)}MB or {m.group(1)}GiB")
+    from edgeprune.profiles import parse_bytes
+
+    try:
+        n = parse_bytes(value)
+    except Exception as exc:  # the profile parser's own error says what is wrong with the unit
+        raise EdgepruneError(f"--max-memory: {exc} (e.g. 300MB, 1.5GiB)") from None
+    if n < 1_000_000:
+        raise EdgepruneError(f"--max-memory {value} is {n} bytes, too small for any model: write e.g. 300MB")
+
+
+def _file_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # ---------------------------------------------------------------------------------------- eval
@@ -57,6 +152,14 @@ def eval_cmd(
 
     from edgeprune.evaluate import compare_logits, load_text, perplexity, token_windows, torch_logits_fn
 
+    _check_text(text)
+    _int_at_least("--seqlen", seqlen, 2)
+    _int_at_least("--max-windows", max_windows, 1)
+    _int_at_least("--batch-size", batch_size, 1)
+    geometry = _check_model(model, device, dtype)
+    if reference:
+        _check_model(reference, device, dtype, flag="--reference")
+    _warn_context(geometry, seqlen)
     raw = load_text(text)
     rss0 = psutil.Process().memory_info().rss
     lm = _load(model, device, dtype)
@@ -114,20 +217,47 @@ def prune(
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="re-apply this plan.json exactly instead of computing one (its recovery re-runs)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ):
     """Calibrate once, choose what to keep (per-layer FFN widths, KV groups, layers), prune, recover, and write a reloadable checkpoint."""
-    from edgeprune.methods import needs_gram, resolve_options
+    from edgeprune.prune import needs_gram, resolve_options
     from edgeprune.pipeline import calibration_pass, prune_and_save
     from edgeprune.plan import PrunePlan
     from edgeprune.prune import validate_sparsity
     from edgeprune.report import run_header
+
+    from edgeprune import outputs
+    from edgeprune.apply import check_plan, model_geometry
 
     plan = PrunePlan.load(plan_file) if plan_file else None
     recover_args = {"lora_steps": lora_steps, "lora_rank": lora_rank}
     if plan is None:
         validate_sparsity(sparsity)
         opts = resolve_options(method.value, score, target, allocation, heads, recover, recover_args)
+    _positive_finite("--temperature", temperature)
+    if not 0.0 <= min_keep <= 1.0:
+        raise EdgepruneError(f"--min-keep is a fraction of each block's channels, in [0, 1]; got {min_keep}")
+    for flag, value, minimum in (("--align", align, 1), ("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2),
+                                 ("--lora-steps", lora_steps, 1), ("--lora-rank", lora_rank, 1), ("--drop-layers", drop_layers, 0)):
+        _int_at_least(flag, value, minimum)
+    if calib != "self" and not calib.startswith("dataset:") and not Path(calib).expanduser().is_file():
+        raise EdgepruneError(f"--calib {calib}: no such file (pass 'self', a .txt/.jsonl file or dataset:NAME)")
+    geometry = _check_model(model, device, dtype)
+    n_layers, ffn = geometry.get("num_layers"), geometry.get("ffn")
+    if drop_layers and isinstance(n_layers, int) and drop_layers >= n_layers:
+        raise EdgepruneError(f"--drop-layers must be between 0 and {n_layers - 1} (the model has {n_layers} layers), got {drop_layers}")
+    if plan is None and isinstance(ffn, int) and ffn % align:
+        raise EdgepruneError(f"--align {align} must divide the model's FFN width {ffn} (e.g. 32 for Q4_0/Q8_0, 256 for K-quants)")
+    if plan is not None:  # the cheap checks against the model, before it is loaded
+        from edgeprune.models import source_fingerprint
+
+        fingerprint = source_fingerprint(model) if isinstance(plan.base, dict) else None
+        if fingerprint and fingerprint != plan.base.get("fingerprint"):
+            plan.check_base({**plan.base, "id": model, "fingerprint": fingerprint})
+        check_plan(plan)
+    _warn_context(geometry, seqlen)
+    outputs.check_out(out, force, "dir", inputs=(model, plan_file))
     args = dict(model=model, out=out, sparsity=sparsity, method=method.value, score=score, allocation=allocation, heads=heads,
                 recover=recover, lora_steps=lora_steps, lora_rank=lora_rank, drop_layers=drop_layers, target=target, align=align,
                 temperature=temperature, min_keep=min_keep, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, plan=plan_file)
@@ -135,6 +265,14 @@ def prune(
     t0 = time.perf_counter()
     lm = _load(model, device, dtype)
     report["timings"] = {"load_s": time.perf_counter() - t0}
+    if plan is not None:  # against the loaded model, before any calibration or recovery
+        from edgeprune.pipeline import base_of
+
+        plan.check_base(base_of(lm))
+        check_plan(plan, model_geometry(lm.model))
+    elif drop_layers and drop_layers >= lm.model.config.num_hidden_layers:
+        n_layers = lm.model.config.num_hidden_layers
+        raise EdgepruneError(f"--drop-layers must be between 0 and {n_layers - 1} (the model has {n_layers} layers), got {drop_layers}")
     stats = ids = None
     with ui.progress(quiet=json_out) as bar:
         if plan is None:
@@ -153,9 +291,10 @@ def prune(
     ui.out.print(f"wrote {out}/ (checkpoint, plan.json, report.json, widths.png)")
     ui.out.print(f"FFN sparsity {ach['ffn_sparsity']:.1%}, linear {ach['linear_sparsity']:.1%}, whole model {ach['model_sparsity']:.1%} "
                  f"({ach['params_pruned'] / 1e6:.1f}M of {ach['params_dense'] / 1e6:.1f}M parameters; embedding {ach['params_embedding'] / 1e6:.1f}M is never pruned)")
-    ui.out.print(f"widths: {' '.join(str(w) for w in ach['ffn_widths'])}" + (f"; dropped layers {plan.dropped_layers}" if plan.dropped_layers else ""))
+    written = report.get("layer_shapes") or []  # what the checkpoint holds, not what a --plan file claims
+    ui.out.print(f"widths: {' '.join(str(s['ffn']) for s in written)}" + (f"; dropped layers {plan.dropped_layers}" if plan.dropped_layers else ""))
     if m.get("heads"):
-        ui.out.print(f"KV groups kept: {' '.join(str(len(lp.kv_keep)) for lp in plan.layers)}")
+        ui.out.print(f"KV groups kept: {' '.join(str(s['n_kv_heads']) for s in written)}")
     if m.get("method"):
         line = f"method {m['method']} (score {m.get('score')}, allocation {m.get('allocation')}), recovery {m.get('recover', 'none')}"
         lora = (report.get("recovery") or {}).get("lora")
@@ -173,22 +312,27 @@ def export(
     dtype: str = typer.Option("f32", "--dtype", help="gguf: f32 f16 q8_0 q4_0 q4_k_m q5_k_m q6_k; onnx: fp32 int8 int4"),
     out: Path = typer.Option(..., "--out", help="output .gguf file or ONNX directory (written only after verification)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare with the torch model before writing (default on)"),
+    force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ):
     """Export to GGUF (llama.cpp) or ONNX (onnxruntime), verified against the torch model."""
-    from edgeprune.fit import export_artifact, format_dtype
+    from edgeprune import dtypes, outputs
+    from edgeprune.fit import export_artifact
 
-    if fmt not in ("gguf", "onnx"):
+    if fmt not in dtypes.FORMATS:
         raise EdgepruneError(f"--format must be gguf or onnx, got {fmt}")
+    dtype = dtypes.normalize(dtype, fmt)
+    _check_model(model)
+    outputs.check_out(out, force, "file" if fmt == "gguf" else "dir", inputs=(model,))
     lm = _load(model, "cpu", "float32")
     t = time.perf_counter()
-    result = export_artifact(lm.model, lm.tokenizer, fmt, format_dtype(fmt, dtype), out, verify=verify)
+    result = export_artifact(lm.model, lm.tokenizer, fmt, dtype, out, verify=verify)
     result.setdefault("seconds_total", time.perf_counter() - t)
     if json_out:
         ui.print_json(result)
         return
     v = result.get("verification") or {}
-    ui.out.print(f"wrote {out} ({fmt} {dtype}, {result.get('bytes', 0) / 1e6:.1f} MB) in {result['seconds_total']:.1f}s")
+    ui.out.print(f"wrote {out} ({fmt} {dtype}, {_file_size(out) / 1e6:.1f} MB) in {result['seconds_total']:.1f}s")
     if v:
         ui.out.print("verified against torch: " + ", ".join(f"{k} {v[k]:.4g}" for k in ("top1_agreement", "mean_kl", "max_abs_logit_diff") if isinstance(v.get(k), (int, float))))
 
@@ -214,6 +358,8 @@ def bench(
     """Prefill/decode tokens/s, time to first token and peak RSS, in llama.cpp (GGUF) or onnxruntime (ONNX)."""
     from edgeprune.bench import bench_artifact
 
+    _check_artifact(artifact)
+    _check_bench_counts(threads, repeats, prompt_tokens, gen_tokens)
     result = bench_artifact(artifact, threads, prompt_tokens, gen_tokens, repeats)
     if json_out:
         ui.print_json(result)
@@ -242,8 +388,11 @@ def check(
     if min_speedup is not None and baseline is None:
         raise EdgepruneError("--min-speedup needs --baseline DENSE_ARTIFACT (ratios are measured in the same job)")
     for name, value in (("--max-ms-per-token", max_ms_per_token), ("--min-speedup", min_speedup)):
-        if value is not None and value <= 0:
-            raise EdgepruneError(f"{name} must be positive, got {value}")
+        _positive_finite(name, value)
+    _check_artifact(artifact)
+    if baseline is not None:
+        _check_artifact(baseline, "--baseline")
+    _check_bench_counts(threads, repeats)
     if max_ms_per_token is None and min_speedup is None and prof.targets.decode_tok_s_min:
         max_ms_per_token = 1000.0 / prof.targets.decode_tok_s_min
     result = bench_artifact(artifact, threads, repeats=repeats)
@@ -289,15 +438,43 @@ def fit(
     threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark (default: the host profile's threads, which its prediction assumes)"),
     host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
     recover: str = typer.Option("lstsq,bias", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none"),
+    max_quality_loss: Optional[str] = typer.Option(None, "--max-quality-loss", help="quality floor on the shipped artifact: a perplexity ratio to the dense model (1.15x) or a held-out KL (kl:0.3); exit 3 when nothing meets it"),
+    force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ):
     """Search sparsity, dropped layers and dtype for the best model that meets a device profile's targets."""
-    from edgeprune.fit import run_fit
+    from edgeprune import dtypes, outputs
+    from edgeprune.fit import parse_quality_floor, run_fit
+    from edgeprune.profiles import load_profile
 
+    parse_quality_floor(max_quality_loss)
+    load_profile(profile)
+    load_profile(host_profile)
+    _int_at_least("--nsamples", nsamples, 1)
+    _int_at_least("--seqlen", seqlen, 2)
+    _int_at_least("--threads", threads, 1)
+    _positive_finite("--min-tokens-per-s", min_tokens_per_s)
+    _positive_finite("--max-ttft-s", max_ttft_s)
+    if max_memory is not None:
+        _check_memory(max_memory)
+    if dtype is not None:
+        dtypes.normalize(dtype)
+    names = [f.strip() for f in formats.split(",") if f.strip()]
+    if not names or any(f not in dtypes.FORMATS for f in names) or len(set(names)) != len(names):
+        raise EdgepruneError(f"--formats takes gguf and/or onnx, comma-separated and each once, got '{formats}'")
+    fit_recoveries = ("none", "lstsq", "bias", "mask", "lora")
+    steps = [r.strip() for r in recover.split(",")]
+    if not all(steps) or any(r not in fit_recoveries for r in steps):
+        raise EdgepruneError(f"--recover takes a comma-separated list of {', '.join(fit_recoveries)}, got '{recover}'")
+    geometry = _check_model(model)
+    _warn_context(geometry, seqlen)
+    outputs.check_out(out, force, "dir", inputs=(model,))
+    outputs.claim_dir(out, "fit")
     with ui.progress(quiet=json_out) as bar:
         report, code = run_fit(model, profile, out, min_tokens_per_s, max_memory, max_ttft_s, dtype,
                                tuple(f.strip() for f in formats.split(",") if f.strip()), nsamples, seqlen, seed=seed,
-                               threads=threads, host_profile=host_profile, recover=recover, progress=bar, log=ui.info)
+                               threads=threads, host_profile=host_profile, recover=recover, progress=bar, log=ui.info,
+                               max_quality_loss=max_quality_loss)
     if json_out:
         ui.print_json(report)
         return
@@ -315,12 +492,12 @@ def fit(
     ui.out.print(f"report: {out}/report.md, {out}/report.json, {out}/frontier.png, {out}/model/widths.png ({report['timings']['total_s']:.0f}s)")
 
 
-# ---------------------------------------------------------------------------- calibrate / profiles
-@app.command()
-def calibrate(
+# ------------------------------------------------------------------------- measure-host / profiles
+@app.command("measure-host")
+def measure_host_cmd(
     backend: str = typer.Option("llama.cpp", "--backend", help="llama.cpp or onnxruntime"),
     out: Path = typer.Option(Path("host.toml"), "--out", help="profile file to write"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="weight dtype to calibrate (default: q8_0 / int8)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="weight dtype to measure (default: q8_0 / int8)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
     quick: bool = typer.Option(False, "--quick", help="fewer and smaller synthetic shapes"),
     timing: str = typer.Option("wall", "--timing", help="wall, or cpu (with --threads 1: stable on a busy/shared machine)"),
@@ -328,15 +505,23 @@ def calibrate(
     record: Optional[Path] = typer.Option(None, "--record", help="also write every measurement as JSON here"),
 ):
     """Fit this host's latency constants from synthetic random-weight models and write a profile."""
-    from edgeprune.hostcal import calibrate_host
+    from edgeprune.hostperf import measure_host
 
     if timing not in ("wall", "cpu"):
         raise EdgepruneError(f"--timing must be wall or cpu, got {timing}")
     with ui.progress() as bar:
-        profile = calibrate_host(backend=backend, dtype=dtype, threads=threads, out=out, quick=quick, timing=timing,
-                                 rounds=rounds, record=record, progress=lambda label, i, n: bar(label, i, n))
+        profile = measure_host(backend=backend, dtype=dtype, threads=threads, out=out, quick=quick, timing=timing,
+                               rounds=rounds, record=record, progress=bar)
     ui.out.print(f"wrote {out}: bandwidth {profile.latency.bandwidth_gbps:.2f} GB/s, layer overhead "
                  f"{profile.latency.layer_overhead_ms:.3f} ms, token overhead {profile.latency.token_overhead_ms:.3f} ms")
+
+
+# `calibrate` is the activation-statistics pass of pruning; the old name of measure-host stays for scripts.
+@app.command("calibrate", help="Deprecated name of measure-host (same options).")
+@functools.wraps(measure_host_cmd)
+def calibrate_alias(*args, **kwargs):
+    print("`edgeprune calibrate` is deprecated: use `edgeprune measure-host`", file=sys.stderr)
+    return measure_host_cmd(*args, **kwargs)
 
 
 @profiles_app.command("list")
@@ -366,31 +551,77 @@ def profiles_show(name: str = typer.Argument(..., help="profile name or path to 
     ui.out.print(describe_profile(p))
 
 
+def _usage_line(exc) -> str:
+    """A click usage error (bad type, missing or unknown option) as one line."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+    return f"{exc.format_message()}{hint}"
+
+
+def _kind(exc: BaseException) -> str:
+    """typer ships its own click (typer._click), and plain click may be installed too: classify its
+    exceptions by class name rather than by one module's classes."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    for kind in ("Exit", "Abort", "ClickException"):
+        if kind in names:
+            return kind
+    return ""
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The CLI with the exit-code contract of edgeprune.errors; returns the code."""
+    from edgeprune import outputs
+
+    outputs.install_signal_handlers()
+    code = 0
+    try:
+        rc = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as n in this mode
+        code = rc if isinstance(rc, int) else 0
+    except EdgepruneError as exc:
+        outputs.cleanup()
+        ui.error(exc)
+        code = exc.exit_code
+    except (outputs.Interrupted, KeyboardInterrupt) as exc:
+        outputs.cleanup()
+        name = f"{exc}" if isinstance(exc, outputs.Interrupted) else "SIGINT"
+        ui.err.print(f"[red]interrupted[/red] ({name}): stopped; no partial or temporary files were left")
+        code = exc.exit_code if isinstance(exc, outputs.Interrupted) else 130
+    except Exception as exc:
+        code = _failure(exc)
+    finally:
+        outputs.cleanup(failed=False)
+    return code
+
+
+def _failure(exc: Exception) -> int:
+    from edgeprune import outputs
+    from edgeprune.errors import EXIT_BAD_INPUT, EXIT_BUG
+
+    kind = _kind(exc)
+    if kind == "Exit":
+        return exc.exit_code
+    outputs.cleanup()
+    if kind == "Abort":  # click's answer to EOF at a prompt
+        ui.error("aborted", "interrupted")
+        return 130
+    if kind == "ClickException":
+        ui.error(_usage_line(exc))
+        return EXIT_BAD_INPUT
+    if os.environ.get("EDGEPRUNE_DEBUG"):
+        raise exc
+    if isinstance(exc, OSError):  # the disk, permissions, a path that vanished: the user's to fix, not a bug
+        where = f": {exc.filename}" if exc.filename else ""
+        ui.error(f"{exc.strerror or type(exc).__name__}{where}")
+        return EXIT_BAD_INPUT
+    ui.error(f"{type(exc).__name__}: {ui.one_line(exc, 160)} -- a bug in edgeprune; please report it with this command "
+             "line (EDGEPRUNE_DEBUG=1 shows the traceback)", "internal error")
+    return EXIT_BUG
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        rc = app(standalone_mode=False)  # typer.Exit(n) comes back as n in this mode
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except EdgepruneError as exc:
-        ui.error(exc)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        ui.err.print("[red]interrupted[/red]: no partial outputs were left under final names")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:
-        # Usage errors (typer ships its own click): they know how to show themselves.
-        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if type(exc).__name__ == "Abort":
-            sys.exit(130)
-        if os.environ.get("EDGEPRUNE_DEBUG"):
-            raise
-        ui.error(f"{type(exc).__name__}: {exc} (set EDGEPRUNE_DEBUG=1 for the traceback)", "internal error")
-        sys.exit(1)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter must not precede our one line
+    sys.exit(run())
 
 
 if __name__ == "__main__":

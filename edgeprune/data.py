@@ -103,7 +103,14 @@ def _cached_self_generated(model, tokenizer, nsamples, seqlen, seed, fingerprint
 
     path = cache_dir() / "calibration" / f"{fingerprint[:24]}-self-{nsamples}x{seqlen}-seed{seed}.npy"
     if fingerprint and path.is_file():
-        return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.shape != (nsamples, seqlen):
+                raise ValueError(f"shape {cached.shape}")
+        except (OSError, ValueError, EOFError):
+            raise EdgepruneError(f"edgeprune's calibration cache file {path} is truncated or corrupt: delete it "
+                                 f"(rm '{path}') and run again; it is regenerated") from None
+        return torch.from_numpy(cached.astype(np.int64))
     ids = self_generated(model, tokenizer, nsamples, seqlen, seed, progress=progress)
     if fingerprint:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -119,11 +119,3 @@ def compare_logits(reference: LogitsFn, candidate: LogitsFn, windows: torch.Tens
         "max_abs_logit_diff": max_abs,
         "positions": total,
     }
-
-
-def greedy_tokens(step_logits: LogitsFn, prompt: np.ndarray, n_new: int) -> list[int]:
-    """Greedy continuation by full recomputation (slow but backend-agnostic reference)."""
-    tokens = list(np.asarray(prompt, dtype=np.int64))
-    for _ in range(n_new):
-        tokens.append(int(step_logits(np.asarray(tokens, dtype=np.int64))[-1].argmax()))
-    return tokens[len(prompt) :]

@@ -18,20 +18,42 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeprune import latency, search
+from edgeprune import dtypes, latency, search, shipped
 from edgeprune.errors import EdgepruneError
+from edgeprune.exporters.common import atomic_file
 from edgeprune.plan import LayerPlan, PrunePlan
 from edgeprune.report import run_header, write_json
 
-ONNX_FROM_GGUF = {"f32": "fp32", "f16": "fp32", "q8_0": "int8", "q4_0": "int4", "q4_k_m": "int4"}
-GGUF_FROM_ONNX = {"fp32": "f32", "f32": "f32", "int8": "q8_0", "int4": "q4_0"}
+# Baselines every report shows beside what ships: the dense model in these GGUF types exactly as
+# llama.cpp users make them (no importance matrix, llama.cpp's own mix).
+DENSE_BASELINES = ("q8_0", "q4_0")
 
 
-def export_artifact(model, tokenizer, fmt: str, dtype: str, out: Path, verify: bool = True) -> dict:
+def parse_quality_floor(text: str | None) -> tuple[str, float] | None:
+    """--max-quality-loss: '1.15x' (perplexity on the bundled excerpt at most 1.15x the dense torch
+    model's) or 'kl:0.3' (mean KL to the dense model on held-out text, nats/token)."""
+    if text is None:
+        return None
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("x"):
+            v = float(t[:-1])
+            if math.isfinite(v) and v >= 1.0:
+                return ("ppl_ratio", v)
+        elif t.startswith("kl:"):
+            v = float(t[3:])
+            if math.isfinite(v) and v > 0:
+                return ("kl", v)
+    except ValueError:
+        pass
+    raise EdgepruneError(f"--max-quality-loss takes a perplexity ratio like 1.15x (>= 1) or a KL like kl:0.3 (> 0), got '{text}'")
+
+
+def export_artifact(model, tokenizer, fmt: str, dtype: str, out: Path, verify: bool = True, imatrix=None, head=None) -> dict:
     if fmt == "gguf":
         from edgeprune.exporters.gguf import export_gguf
 
-        return export_gguf(model, tokenizer, out, dtype=dtype, verify=verify)
+        return export_gguf(model, tokenizer, out, dtype=dtype, verify=verify, imatrix=imatrix, overrides=search.mix_overrides(head))
     from edgeprune.exporters.onnx import export_onnx
 
     return export_onnx(model, tokenizer, out, dtype=dtype, verify=verify)
@@ -39,7 +61,7 @@ def export_artifact(model, tokenizer, fmt: str, dtype: str, out: Path, verify: b
 
 def runtime_logits_fn(fmt: str, path: Path, n_ctx: int):
     if fmt == "gguf":
-        from edgeprune.exporters.gguf import llamacpp_logits_fn
+        from edgeprune.exporters.llamacpp import llamacpp_logits_fn
 
         return llamacpp_logits_fn(path, n_ctx=n_ctx)
     from edgeprune.exporters.onnx import ort_logits_fn
@@ -47,20 +69,13 @@ def runtime_logits_fn(fmt: str, path: Path, n_ctx: int):
     return ort_logits_fn(path)
 
 
-def format_dtype(fmt: str, dtype: str) -> str:
-    """The dtype name each exporter uses for the profile's dtype."""
-    if fmt == "onnx":
-        return ONNX_FROM_GGUF.get(dtype, dtype)
-    return GGUF_FROM_ONNX.get(dtype, dtype)
-
-
 def identity_plan(lm, base: dict, desc: dict) -> PrunePlan:
     """The dense model as a plan (fit's answer when the dense model already meets the targets)."""
     cfg = lm.model.config
     layers = [LayerPlan(i, list(range(cfg.intermediate_size)), list(range(cfg.num_key_value_heads)))
               for i in range(cfg.num_hidden_layers)]
-    plan = PrunePlan(base=base, method={"allocation": "none", "score": "none", "sparsity": 0.0}, calibration=desc, layers=layers)
-    from edgeprune.prune import achieved
+    plan = PrunePlan(base=base, method={}, calibration=desc, layers=layers)
+    from edgeprune.budget import achieved
 
     plan.achieved = achieved(lm.model, plan)
     return plan
@@ -88,31 +103,33 @@ def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
 
 def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None, max_ttft=None, dtype=None,
             formats=("gguf", "onnx"), nsamples=32, seqlen=128, heldout=8, seed=0, threads=None,
-            host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias", progress=None, log=print) -> tuple[dict, int]:
-    from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
+            host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias", progress=None, log=print,
+            max_quality_loss=None, prompts=True) -> tuple[dict, int]:
     from edgeprune.calibrate import calibrate
     from edgeprune.data import calibration_ids
+    from edgeprune.imatrix import collect_imatrix, write_imatrix_gguf
     from edgeprune.models import load_model
-    from edgeprune.pipeline import base_of, prune_and_save
+    from edgeprune.pipeline import base_of
     from edgeprune.profiles import load_profile
     from edgeprune.recover import needs
 
     t_start = time.perf_counter()
     timings = {}
+    step = (lambda label: (lambda i, n: progress(label, i, n))) if progress else (lambda label: None)
     profile = load_profile(profile_name)
     host = load_profile(host_profile) if host_profile else None  # a bad --host-profile fails now, not after the search
     targets = apply_overrides(profile.targets, min_tok_s, max_memory, max_ttft)
-    dtypes = [dtype] if dtype else list(profile.export.dtypes)
+    floor = parse_quality_floor(max_quality_loss)
     fmt = profile.export.format
-    for d in dtypes:
-        latency.normalize_dtype(d)
-    bad = [f for f in formats if f not in ("gguf", "onnx")]
+    dtype_order = [dtypes.normalize(d, fmt) for d in ([dtype] if dtype else profile.export.dtypes)]
+    bad = [f for f in formats if f not in dtypes.FORMATS]
     if bad:
         raise EdgepruneError(f"--formats takes gguf and/or onnx, got {', '.join(bad)}")
     recoveries = [r.strip() for r in (recover or "").split(",") if r.strip() not in ("", "none")]
     out = Path(out)
     report = run_header("fit", dict(model=model_spec, profile=profile_name, out=out, min_tok_s=min_tok_s, max_memory=max_memory,
-                                    max_ttft=max_ttft, dtype=dtype, formats=list(formats), nsamples=nsamples, seqlen=seqlen, seed=seed))
+                                    max_ttft=max_ttft, dtype=dtype, formats=list(formats), nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                    max_quality_loss=max_quality_loss))
     report["profile"] = {"name": profile.name, "source": profile.source, "targets": dataclasses.asdict(targets),
                          "memory_budget": profile.memory.budget, "export": dataclasses.asdict(profile.export),
                          "latency": profile.latency.to_dict()}
@@ -123,115 +140,250 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     base = base_of(lm)
 
     t = time.perf_counter()
-    ids, desc, gen_s = calibration_ids(lm.model, lm.tokenizer, "self", nsamples + heldout, seqlen, seed, fingerprint=lm.fingerprint,
-                                       progress=(lambda i, n: progress("calibration text", i, n)) if progress else None)
+    ids, desc, _ = calibration_ids(lm.model, lm.tokenizer, "self", nsamples + heldout, seqlen, seed, fingerprint=lm.fingerprint,
+                                   progress=step("calibration text"))
     calib, held = ids[:nsamples], ids[nsamples:]
     desc = {**desc, "nsamples": nsamples, "tokens": int(calib.numel()), "heldout_samples": heldout}
-    # Recovery of the chosen model (lstsq is the best retraining-free variant at 30% in
-    # benchmarks/quality_table.py) needs the Gram matrices of the same pass.
-    stats = calibrate(lm.model, calib, gram=any(needs(r)["gram"] for r in recoveries), description=desc, progress=(lambda i, n: progress("calibration pass", i, n)) if progress else None)
+    # Recovery of the chosen model needs the Gram matrices of the same pass.
+    stats = calibrate(lm.model, calib, gram=any(needs(r)["gram"] for r in recoveries), description=desc, progress=step("calibration pass"))
     dense_lp = search.dense_logprobs(lm.model, held)
+    use_imatrix = fmt == "gguf"
+    dense_imatrix = collect_imatrix(lm.model, calib) if use_imatrix else None
     timings["calibration_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    candidates = search.enumerate_candidates(lm.model, stats, base, profile, dtypes, targets, profile.export.width_multiple, seed=seed)
+    menu = search.mixes(dtype_order, fmt)
+    candidates = search.enumerate_candidates(lm.model, stats, base, profile, menu, targets, profile.export.width_multiple, seed=seed,
+                                             imatrix=use_imatrix)
     timings["enumerate_s"] = time.perf_counter() - t
-    dense_checks = {c.dtype: c for c in candidates if c.plan is None}
-    report["dense"] = {d: c.to_dict() for d, c in dense_checks.items()}
-    for d, c in dense_checks.items():
-        log(f"dense {d}: {c.check.describe()}")
+    report["dense"] = {c.mix: c.to_dict() for c in candidates if c.plan is None}
+    for c in candidates:
+        if c.plan is None:
+            log(f"dense {c.mix}: {c.check.describe()}")
 
     with tempfile.TemporaryDirectory(prefix="edgeprune-fit-") as tmpdir:
         tmp = Path(tmpdir)
-        feasible_dtypes = sorted({c.dtype for c in candidates if c.check.ok}, key=dtypes.index)
-        quant = {}
-        dense_exports = {}
         t = time.perf_counter()
-        for d in feasible_dtypes:
-            fd = format_dtype(fmt, d)
-            if fd in ("f32", "fp32"):
-                quant[d] = 0.0
-                continue
-            path = tmp / (f"dense.{fd}.gguf" if fmt == "gguf" else f"dense-{fd}")
-            export_artifact(lm.model, lm.tokenizer, fmt, fd, path, verify=False)
-            quant[d] = search.quant_kl(dense_lp, runtime_logits_fn(fmt, path, seqlen), held)
-            dense_exports[d] = path
-            log(f"quantization KL of the dense model as {fmt} {fd}: {quant[d]:.4f}")
+        feasible = sorted({(c.dtype, c.head) for c in candidates if c.check.ok}, key=menu.index)
+        dense_exports, quant = _dense_mixes(lm, fmt, feasible, dense_imatrix, dense_lp, held, seqlen, tmp, log, step("dense quantizations"))
         timings["quant_kl_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         keys = search.to_evaluate(candidates)
-        kls = search.structure_kls(lm, keys, dense_lp, held, candidates,
-                                   progress=(lambda i, n: progress("quality of candidates", i, n)) if progress else None)
+        kls = search.structure_kls(lm, keys, dense_lp, held, candidates, progress=step("quality of candidates"))
         for c in candidates:
             c.kl_structure = kls.get(c.key)
-            c.kl_quant = quant.get(c.dtype)
+            c.kl_quant = quant.get((c.dtype, c.head))
         timings["quality_s"] = time.perf_counter() - t
-        chosen = search.choose(candidates, dtypes)
         report["candidates"] = [c.to_dict() for c in candidates if c.kl_structure is not None or c.check.ok]
-        report["search"] = {"evaluated_structures": len(keys), "candidates": len(candidates),
-                            "feasible": sum(c.check.ok for c in candidates), "quality_proxy": "KL(dense||candidate) structure + quantization, nats/token on held-out self-generated text"}
+        report["search"] = {"evaluated_structures": len(keys), "candidates": len(candidates), "mixes": [search.mix_label(*m) for m in menu],
+                            "feasible": sum(c.check.ok for c in candidates),
+                            "quality_proxy": "KL(dense||candidate) structure (torch) + quantization (runtime), nats/token on held-out self-generated text"}
 
-        if chosen is None:
-            best, reach = search.closest_miss(candidates)
-            report["result"] = {"ok": False, "closest": best.to_dict(), "unreachable": reach}
-            timings["total_s"] = time.perf_counter() - t_start
-            report["timings"] = timings
-            _write_outputs(out, report, candidates, None, targets, profile)
-            msg = "; ".join(reach) or best.check.describe()
+        finalists = [c for c in (search.best(candidates, dtype_order, dense=False), search.best(candidates, dtype_order, dense=True)) if c]
+        if not finalists:
+            top, reach = search.closest_miss(candidates)
+            report["result"] = {"ok": False, "closest": top.to_dict(), "unreachable": reach}
+            _finish(out, report, timings, t_start, candidates, None, targets, profile)
+            msg = "; ".join(reach) or top.check.describe()
             raise EdgepruneError(f"no candidate meets the targets of profile {profile.name}: {msg}. "
-                                 f"Closest: {best.label} ({best.check.describe()}); report in {out}/report.json", exit_code=3)
+                                 f"Closest: {top.label} ({top.check.describe()}); report in {out}/report.json", exit_code=3)
 
-        log(f"chosen: {chosen.label}: {chosen.check.describe()}; quality KL {chosen.quality:.4f}")
+        # The proxy ranks; the artifacts decide: each finalist is built, exported as it would ship and
+        # scored through the runtime on the held-out text (the best pruned and the best dense mix).
         t = time.perf_counter()
-        pruned, plan = _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log)
-        timings["prune_s"] = time.perf_counter() - t
-
-        artifacts = {}
-        for f in formats:
-            fd = format_dtype(f, chosen.dtype)
-            name = f"model.{fd}.gguf" if f == "gguf" else f"model-onnx-{fd}"
-            t = time.perf_counter()
-            log(f"exporting {f} {fd} (verified against torch)")
-            exp = export_artifact(pruned, lm.tokenizer, f, fd, out / name, verify=True)
-            artifacts[f] = {"path": str(out / name), "dtype": fd, "export": exp, "export_s": time.perf_counter() - t}
-
-        t = time.perf_counter()
-        # the host prediction is for the thread count its constants were measured with: bench with it
-        bench_threads = threads or (host.hardware.threads if host is not None else None)
-        for f, art in artifacts.items():
-            log(f"benchmarking {art['path']} on this host")
-            dense_path = dense_exports.get(chosen.dtype) if f == fmt else None
-            if dense_path is not None:  # pruned and dense alternately: a fair ratio on a drifting machine
-                art["bench"], art["bench_dense"] = bench_interleaved([art["path"], dense_path], bench_threads, bench_rounds, bench_repeats)
-                art["measured_decode_speedup"] = paired_ratio(art["bench"], art["bench_dense"])
+        refs = {"held": [x.numpy() for x in dense_lp], "text": shipped.dense_reference(lm.model, text_windows := shipped.excerpt_windows(lm.tokenizer))}
+        dense_text_ppl = shipped.reference_ppl(refs["text"], text_windows)
+        trials = []
+        for c in finalists:
+            pruned, plan, imat = (lm.model, None, dense_imatrix)
+            if c.plan is not None:
+                pruned, plan = _prune_with_best_recovery(lm, stats, c, base, desc, recoveries, calib, dense_lp, held, out, report, log)
+                imat = collect_imatrix(pruned, calib) if use_imatrix else None
+                path = tmp / f"candidate.{c.mix}.{fmt}"
+                export_artifact(pruned, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False, imatrix=imat, head=c.head)
             else:
-                art["bench"] = bench_artifact(art["path"], threads=bench_threads, repeats=bench_rounds * bench_repeats)
-            if host is not None and host.latency.backend == ("llama.cpp" if f == "gguf" else "onnxruntime"):
-                geom = search.geometry_of(pruned, None)
-                try:
-                    pred = latency.predict(geom, chosen.dtype, host.latency, prompt_tokens=art["bench"]["prompt_tokens"],
-                                           context=art["bench"]["prompt_tokens"] + art["bench"]["gen_tokens"])
-                except EdgepruneError as exc:  # e.g. a host profile calibrated for another dtype: the fit still stands
-                    log(f"no host prediction from profile {host.name}: {exc}")
-                    continue
-                art["host_prediction"] = {"profile": host.name, "decode_tok_s": pred.decode_tok_s, "ttft_s": pred.ttft_s,
-                                          "prefill_tok_s": pred.prefill_tok_s}
+                path = dense_exports.get((c.dtype, c.head))
+                if path is None:  # full precision: export it for the runtime measurement
+                    path = tmp / f"dense.{c.mix}.{fmt}"
+                    export_artifact(lm.model, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False)
+            q = shipped.window_quality(runtime_logits_fn(fmt, path, max(seqlen, shipped.TEXT_SEQLEN)), text_windows, refs["text"])
+            kl = search.quant_kl(dense_lp, runtime_logits_fn(fmt, path, seqlen), held)
+            trials.append({"candidate": c, "model": pruned, "plan": plan, "imatrix": imat, "path": path,
+                           "held_out_kl": kl, "excerpt": q, "ppl_ratio": q["ppl"] / dense_text_ppl})
+            log(f"finalist {c.label}: held-out KL through {fmt} {kl:.4f}, excerpt perplexity {q['ppl']:.2f} "
+                f"({q['ppl'] / dense_text_ppl:.3f}x dense torch)")
+            if c.plan is not None:
+                pruned = plan = None  # the trial holds them
+        allowed = [tr for tr in trials if _within_floor(tr, floor)]
+        report["finalists"] = [{"label": tr["candidate"].label, "held_out_kl": tr["held_out_kl"], "excerpt": tr["excerpt"],
+                                "ppl_ratio_vs_dense_torch": tr["ppl_ratio"], "within_floor": _within_floor(tr, floor)} for tr in trials]
+        timings["finalists_s"] = time.perf_counter() - t
+        if not allowed:
+            report["result"] = {"ok": False, "unreachable": [f"quality floor {max_quality_loss}"], "closest": finalists[0].to_dict()}
+            _finish(out, report, timings, t_start, candidates, None, targets, profile)
+            best_tr = min(trials, key=lambda tr: tr["held_out_kl"])
+            raise EdgepruneError(f"no candidate that meets the targets of profile {profile.name} is within --max-quality-loss "
+                                 f"{max_quality_loss}: the best, {best_tr['candidate'].label}, has held-out KL {best_tr['held_out_kl']:.3f} and "
+                                 f"{best_tr['ppl_ratio']:.3f}x the dense perplexity; report in {out}/report.json", exit_code=3)
+        won = min(allowed, key=lambda tr: tr["held_out_kl"])
+        chosen = won["candidate"]
+        why = ("the best pruned candidate scored worse through the runtime than the dense model in "
+               f"{chosen.mix}, which meets the targets: fit ships the dense model" if chosen.plan is None and len(trials) > 1 else
+               "only a dense quantization meets the targets" if chosen.plan is None else
+               "no dense quantization meets the targets" if len(trials) == 1 else
+               "it beats the best dense quantization that meets the targets through the runtime")
+        log(f"chosen: {chosen.label}: {chosen.check.describe()} ({why})")
+        pruned, plan = won["model"], won["plan"]
+        if chosen.plan is None:  # out/model holds the dense model then, as a plan of everything
+            pruned, plan = _prune_with_best_recovery(lm, stats, chosen, base, desc, [], calib, dense_lp, held, out, report, log)
+        trials = None
+
+        artifacts = _ship(pruned, lm.tokenizer, chosen, fmt, formats, won["imatrix"], out, log)
+        if won["imatrix"] is not None:
+            with atomic_file(out / "imatrix.gguf") as f:
+                write_imatrix_gguf(f, won["imatrix"], int(calib.numel()), desc.get("source", "self"), int(calib.shape[0]), int(calib.shape[1]))
+            artifacts["imatrix"] = {"path": str(out / "imatrix.gguf"), "tokens": int(calib.numel()),
+                                    "use": f"llama-quantize --imatrix {out / 'imatrix.gguf'} (llama.cpp's own tool)"}
+
+        t = time.perf_counter()
+        report["quality"] = _quality_table(lm, fmt, artifacts, dense_exports, chosen, held.numpy(), text_windows, refs, dense_text_ppl,
+                                           dense_imatrix, tmp, prompts, log)
+        timings["quality_report_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        _bench(artifacts, dense_exports.get((chosen.dtype, chosen.head)), fmt, chosen, plan, host, threads, bench_rounds, bench_repeats, log)
         timings["bench_s"] = time.perf_counter() - t
 
+    report["result"] = {"ok": True, "chosen": chosen.to_dict(), "why": why, "checkpoint": str(out / "model"),
+                        "artifacts": {k: v for k, v in artifacts.items() if k != "imatrix"}, "imatrix": artifacts.get("imatrix"),
+                        "plan": {"widths": plan.widths(), "dropped_layers": plan.dropped_layers, "achieved": plan.achieved}}
+    _finish(out, report, timings, t_start, candidates, chosen, targets, profile)
+    return report, 0
+
+
+def _within_floor(trial: dict, floor) -> bool:
+    if floor is None:
+        return True
+    kind, v = floor
+    return trial["ppl_ratio"] <= v if kind == "ppl_ratio" else trial["held_out_kl"] <= v
+
+
+def _dense_mixes(lm, fmt, mixes, imatrix, dense_lp, held, seqlen, tmp: Path, log, progress):
+    """The dense model exported in every feasible mix (one F32 GGUF, quantized by llama.cpp per mix,
+    with the importance matrix), and each one's quantization KL through the runtime."""
+    exports, quant = {}, {}
+    f32 = None
+    for n, (d, head) in enumerate(mixes):
+        fd = dtypes.for_format(d, fmt)
+        if not dtypes.get(fd, fmt).quantized:
+            quant[(d, head)] = 0.0
+            continue
+        path = tmp / f"dense.{search.mix_label(d, head)}.{fmt}"
+        if fmt == "gguf":
+            from edgeprune.exporters.llamacpp_quantize import quantize_gguf
+
+            if f32 is None:
+                f32 = tmp / "dense.f32.gguf"
+                export_artifact(lm.model, lm.tokenizer, "gguf", "f32", f32, verify=False)
+            quantize_gguf(f32, path, fd, imatrix=imatrix, overrides=search.mix_overrides(head), tied=bool(lm.model.config.tie_word_embeddings))
+        else:
+            export_artifact(lm.model, lm.tokenizer, fmt, fd, path, verify=False)
+        quant[(d, head)] = search.quant_kl(dense_lp, runtime_logits_fn(fmt, path, seqlen), held)
+        exports[(d, head)] = path
+        log(f"quantization KL of the dense model as {fmt} {search.mix_label(fd, head)}: {quant[(d, head)]:.4f}")
+        if progress:
+            progress(n + 1, len(mixes))
+    return exports, quant
+
+
+def _ship(model, tokenizer, chosen, fmt, formats, imatrix, out: Path, log) -> dict:
+    """Export what ships, verified against torch before each file appears."""
+    artifacts = {}
+    for f in formats:
+        fd = dtypes.for_format(chosen.dtype, f)
+        label = search.mix_label(fd, chosen.head if f == "gguf" else None)
+        name = f"model.{label}.gguf" if f == "gguf" else f"model-onnx-{fd}"
+        t = time.perf_counter()
+        log(f"exporting {f} {label} (verified against torch)")
+        exp = export_artifact(model, tokenizer, f, fd, out / name, verify=True, imatrix=imatrix if f == "gguf" else None,
+                              head=chosen.head if f == "gguf" else None)
+        artifacts[f] = {"path": str(out / name), "dtype": fd, "mix": label, "export": exp, "export_s": time.perf_counter() - t}
+    return artifacts
+
+
+def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, dense_text_ppl, dense_imatrix, tmp, prompts, log) -> dict:
+    """What ships beside the dense baselines, all through their runtimes on the same held-out text."""
+    from edgeprune.exporters.llamacpp_quantize import quantize_gguf
+
+    prompt_set = shipped.load_prompts() if prompts else None
+    rows = {}
+    if "gguf" in artifacts:
+        rows[f"shipped: {chosen.label}"] = ("gguf", artifacts["gguf"]["path"])
+    if "onnx" in artifacts:
+        rows[f"shipped (ONNX {artifacts['onnx']['dtype']})"] = ("onnx", artifacts["onnx"]["path"])
+    if fmt == "gguf":
+        f32 = tmp / "dense.f32.gguf"
+        for d in DENSE_BASELINES:  # as llama.cpp users make them: no imatrix, llama.cpp's own mix
+            path = tmp / f"baseline.{d}.gguf"
+            quantize_gguf(f32, path, d, tied=bool(lm.model.config.tie_word_embeddings))
+            rows[f"dense {d} (llama.cpp default)"] = ("gguf", path)
+        if (chosen.dtype, chosen.head) in dense_exports and chosen.plan is not None:
+            rows[f"dense {search.mix_label(chosen.dtype, chosen.head)} + imatrix (same mix, unpruned)"] = ("gguf", dense_exports[(chosen.dtype, chosen.head)])
+    table = {}
+    for label, (f, path) in rows.items():
+        log(f"scoring {label} through {'llama.cpp' if f == 'gguf' else 'onnxruntime'}")
+        q = shipped.artifact_quality(f, path, held, text, refs, prompt_set)
+        q["excerpt"]["ppl_ratio_vs_dense_torch"] = q["excerpt"]["ppl"] / dense_text_ppl
+        table[label] = q
+    dense_answers = None
+    if prompt_set is not None:
+        dense_answers = table.get("dense q8_0 (llama.cpp default)", {}).get("answers")
+    return {"protocol": {"held_out_self": f"{len(held)} x {held.shape[1]} self-generated tokens (not used for calibration)",
+                         "excerpt": f"{len(text)} x {text.shape[1]} tokens of the bundled WikiText-2 validation excerpt",
+                         "reference": "dense torch fp32 model (top-1 agreement and KL)"},
+            "dense_torch_excerpt_ppl": dense_text_ppl, "artifacts": table,
+            "prompts": [p["prompt"] for p in prompt_set] if prompt_set else None, "dense_answers": dense_answers}
+
+
+def _bench(artifacts, dense_path, fmt, chosen, plan, host, threads, rounds, repeats, log) -> None:
+    from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
+
+    # the host prediction is for the thread count its constants were measured with: bench with it
+    bench_threads = threads or (host.hardware.threads if host is not None else None)
+    for f, art in artifacts.items():
+        if f == "imatrix":
+            continue
+        log(f"benchmarking {art['path']} on this host")
+        if dense_path is not None and f == fmt:  # pruned and dense alternately: a fair ratio on a drifting machine
+            art["bench"], art["bench_dense"] = bench_interleaved([art["path"], dense_path], bench_threads, rounds, repeats)
+            art["measured_decode_speedup"] = paired_ratio(art["bench"], art["bench_dense"])
+        else:
+            art["bench"] = bench_artifact(art["path"], threads=bench_threads, repeats=rounds * repeats)
+        if host is not None and host.latency.backend == dtypes.FORMAT_BACKEND[f]:
+            try:
+                pred = latency.predict(plan.geometry(), dtypes.for_format(chosen.dtype, f), host.latency,
+                                       prompt_tokens=art["bench"]["prompt_tokens"],
+                                       context=art["bench"]["prompt_tokens"] + art["bench"]["gen_tokens"],
+                                       head_dtype=chosen.head if f == "gguf" else None, imatrix=f == "gguf")
+            except EdgepruneError as exc:  # e.g. a host profile calibrated for another dtype: the fit still stands
+                log(f"no host prediction from profile {host.name}: {exc}")
+                continue
+            art["host_prediction"] = {"profile": host.name, "decode_tok_s": pred.decode_tok_s, "ttft_s": pred.ttft_s,
+                                      "prefill_tok_s": pred.prefill_tok_s}
+
+
+def _finish(out: Path, report: dict, timings: dict, t_start: float, candidates, chosen, targets, profile) -> None:
     timings["total_s"] = time.perf_counter() - t_start
     report["timings"] = timings
-    report["result"] = {"ok": True, "chosen": chosen.to_dict(), "checkpoint": str(out / "model"), "artifacts": artifacts,
-                        "plan": {"widths": plan.widths(), "dropped_layers": plan.dropped_layers, "achieved": plan.achieved}}
     _write_outputs(out, report, candidates, chosen, targets, profile)
-    return report, 0
 
 
 def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log):
     """Prune the chosen plan, trying each recovery in `recoveries` (["lstsq", "bias"]): keep the one with the
     lowest held-out KL, or none. Closed-form recovery can overfit a small calibration set (lstsq
     wants ~10x the FFN width in tokens), so held-out text decides, not the calibration fit."""
-    from edgeprune.methods import with_recovery
+    from edgeprune.prune import with_recovery
     from edgeprune.pipeline import prune_and_save
 
     if chosen.plan is None:
@@ -282,7 +434,7 @@ def plot_frontier(candidates, chosen, targets, profile, path: Path) -> None:
     markers = {0: "o", 2: "s", 4: "^", 6: "D"}
     colors = {}
     for c in scored:
-        color = colors.setdefault(c.dtype, f"C{len(colors)}")
+        color = colors.setdefault(c.mix, f"C{len(colors)}")
         ax.scatter(c.prediction.decode_tok_s, max(c.quality, 1e-5), marker=markers.get(c.drop_layers, "o"), color=color,
                    edgecolors="black" if c.check.ok else "none", s=36, alpha=0.9 if c.check.ok else 0.45)
     for dt, color in colors.items():
@@ -329,8 +481,8 @@ def markdown(report: dict) -> str:
     lines.append("")
     if res.get("ok"):
         ch = res["chosen"]
-        lines.append(f"**Chosen:** {ch['label']} — quality KL {ch['quality_kl']:.4f}; widths {res['plan']['widths']}; "
-                     f"dropped layers {res['plan']['dropped_layers']}.")
+        lines.append(f"**Chosen:** {ch['label']} ({res.get('why', '')}) — quality proxy KL {ch['quality_kl']:.4f}; "
+                     f"widths {res['plan']['widths']}; dropped layers {res['plan']['dropped_layers']}.")
         for f, art in res["artifacts"].items():
             b = art["bench"]
             v = art["export"].get("verification", {})
@@ -341,11 +493,41 @@ def markdown(report: dict) -> str:
                          + (f"; profile {art['host_prediction']['profile']} predicts decode {art['host_prediction']['decode_tok_s']:.1f} tok/s, "
                             f"prefill {art['host_prediction']['prefill_tok_s']:.1f} tok/s, TTFT {art['host_prediction']['ttft_s']:.3f} s"
                             if "host_prediction" in art else ""))
+        if res.get("imatrix"):
+            lines.append(f"- importance matrix: `{res['imatrix']['path']}` ({res['imatrix']['tokens']} calibration tokens; "
+                         f"reuse it with `{res['imatrix']['use']}`)")
+        lines += _quality_markdown(report.get("quality"))
     else:
         lines.append("**No candidate meets the targets.** " + "; ".join(res.get("unreachable", [])))
     lines.append("")
-    lines.append(f"Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.get("timings", {}).items()))
+    lines.append("Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.get("timings", {}).items()))
     return "\n".join(lines) + "\n"
+
+
+def _quality_markdown(q: dict | None) -> list[str]:
+    """The shipped artifact beside the dense baselines, measured through their runtimes."""
+    if not q:
+        return []
+    pr = q["protocol"]
+    lines = ["", "## Quality of what ships, through the runtime", "",
+             f"Held-out self-generated text: {pr['held_out_self']}; real text: {pr['excerpt']}. Reference: {pr['reference']} "
+             f"(its excerpt perplexity {q['dense_torch_excerpt_ppl']:.2f}).", "",
+             "| artifact | ppl self-generated | ppl excerpt | x dense torch | top-1 vs dense | KL vs dense | factual prompts |",
+             "|---|---|---|---|---|---|---|"]
+    for label, a in q["artifacts"].items():
+        h, e = a["held_out_self"], a["excerpt"]
+        hits = f"{a['factual_hits']}/{a['factual_prompts']}" if "factual_hits" in a else "—"
+        lines.append(f"| {label} | {h['ppl']:.2f} | {e['ppl']:.2f} | {e['ppl_ratio_vs_dense_torch']:.3f} | {e['top1_vs_dense']:.3f} | "
+                     f"{e['kl_vs_dense']:.4f} | {hits} |")
+    if q.get("prompts"):
+        shipped_label = next(iter(q["artifacts"]))
+        mine = q["artifacts"][shipped_label].get("answers") or []
+        dense = q.get("dense_answers") or []
+        lines += ["", f"Greedy answers ({shipped_label} vs dense q8_0):", "", "| prompt | shipped | dense q8_0 |", "|---|---|---|"]
+        for i, p in enumerate(q["prompts"]):
+            cell = lambda xs: (xs[i] if i < len(xs) else "").replace("|", "/")[:120]
+            lines.append(f"| {p} | {cell(mine)} | {cell(dense)} |")
+    return lines
 
 
 def _f(x):

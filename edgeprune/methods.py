@@ -1,10 +1,10 @@
-"""The seed pruning methods beside CFSP -- FLAP, FASP, COMP -- and `make_method_plan`, the one
-entry point the pipeline, the CLI and the benchmarks use to turn calibration statistics into a
-PrunePlan. Recovery (what happens to the weights after removal) lives in recover.py; a plan
+"""How each method chooses what to keep: CFSP/uniform/FASP/COMP ranking (`ranked_plan`) and FLAP's
+global ranking (`flap_plan`). `edgeprune.prune.make_plan` is the one entry point that dispatches
+here; the budget comes from budget.py. Recovery (what happens to the weights after removal) lives in recover.py; a plan
 records which recovery it wants in `plan.method["recover"]` and carries the bias flags that
 recovery needs, so checkpoints reload as stock LlamaForCausalLM with optional biases.
 
-Budget. As in prune.py: `sparsity` p removes p x (dense FFN parameters) with target "ffn", or
+Budget (budget.py): `sparsity` p removes p x (dense FFN parameters) with target "ffn", or
 p x (dense attention + FFN parameters) with target "linear" (FLAP's default and the benchmarks').
 Dropped layers count towards it.
 
@@ -67,161 +67,16 @@ The "condition" neuron metric (COMP's metric was not retrieved; this is edgeprun
 
 from __future__ import annotations
 
-import json
 import math
-import weakref
 
 import numpy as np
 import torch
 
-from edgeprune import allocate, arch
-from edgeprune.calibrate import CalibrationStats
+from edgeprune import allocate, arch, budget
+from edgeprune.condition import condition_keep
 from edgeprune.errors import EdgepruneError
 from edgeprune.importance import FFN_SCORES, ffn_scores, kv_group_scores
 from edgeprune.plan import LayerPlan, PrunePlan
-from edgeprune.prune import TARGETS, achieved, layers_to_drop, make_plan, validate_sparsity
-
-METHODS = ("cfsp", "uniform", "flap", "fasp", "comp")
-CLOSED_FORM_RECOVERIES = ("bias", "lstsq", "mask")
-RECOVERIES = ("none",) + CLOSED_FORM_RECOVERIES + ("lora",)
-COMP_SCORES = ("condition",) + FFN_SCORES
-NATIVE_RECOVERY = {"cfsp": "none", "uniform": "none", "flap": "bias", "fasp": "lstsq", "comp": "mask"}
-DEFAULT_SCORE = {"cfsp": "cfsp", "uniform": "cfsp", "flap": "flap", "fasp": "wanda-sp", "comp": "condition"}
-DEFAULT_TARGET = {"cfsp": "ffn", "uniform": "ffn", "flap": "linear", "fasp": "ffn", "comp": "ffn"}
-CONDITION_RIDGE = 1e-3
-CONDITION_CHUNK = 64
-
-
-# ------------------------------------------------------------------------------------ options
-def parse_recover(recover: str | None, method: str) -> list[str]:
-    """'bias', 'lstsq+lora', 'none', None (the method's native recovery) -> ordered list of steps."""
-    if recover is None:
-        recover = NATIVE_RECOVERY[method]
-    steps = [s.strip() for s in str(recover).split("+") if s.strip()]
-    bad = [s for s in steps if s not in RECOVERIES]
-    if bad or not steps:
-        raise EdgepruneError(f"--recover must be one of {', '.join(RECOVERIES)} (or one of bias, lstsq, mask + lora, e.g. bias+lora), got '{recover}'")
-    if steps == ["none"]:
-        return []
-    if "none" in steps:
-        raise EdgepruneError(f"--recover none cannot be combined with other recoveries, got '{recover}'")
-    closed = [s for s in steps if s in CLOSED_FORM_RECOVERIES]
-    if len(closed) > 1:
-        raise EdgepruneError(f"--recover takes at most one of bias, lstsq, mask (each re-fits the same weights), got '{recover}'")
-    if steps.count("lora") > 1 or ("lora" in steps and steps[-1] != "lora"):
-        raise EdgepruneError(f"--recover: lora comes last, once (e.g. bias+lora), got '{recover}'")
-    return steps
-
-
-def resolve_options(method: str = "cfsp", score: str | None = None, target: str | None = None,
-                    allocation: str | None = None, heads: bool | None = None, recover: str | None = None,
-                    recover_args: dict | None = None) -> dict:
-    """Check a method's options and fill its defaults, before any model is loaded (one-line errors)."""
-    if method not in METHODS:
-        raise EdgepruneError(f"--method must be one of {', '.join(METHODS)}, got {method}")
-    target = target or DEFAULT_TARGET[method]
-    if target not in TARGETS:
-        raise EdgepruneError(f"--target must be one of {', '.join(TARGETS)}, got {target}")
-    if method in ("cfsp", "uniform"):
-        if allocation not in (None, method):
-            raise EdgepruneError(f"--allocation applies to --method fasp and comp; --method {method} is itself the allocation")
-        allocation = method
-    elif method == "flap":
-        if allocation not in (None, "global"):
-            raise EdgepruneError("--method flap ranks all layers together (global allocation): --allocation does not apply")
-        allocation = "global"
-    else:
-        allocation = allocation or "uniform"
-        if allocation not in allocate.ALLOCATIONS:
-            raise EdgepruneError(f"--allocation must be one of {', '.join(allocate.ALLOCATIONS)}, got {allocation}")
-    if method == "flap":
-        if score not in (None, "flap"):
-            raise EdgepruneError("--method flap ranks by its fluctuation metric: --score does not apply (try --method uniform --score flap)")
-    score = score or DEFAULT_SCORE[method]
-    if score not in COMP_SCORES:
-        raise EdgepruneError(f"--score must be one of {', '.join(COMP_SCORES)}, got {score}")
-    if method == "comp" and heads:
-        raise EdgepruneError("--method comp prunes layers and FFN neurons, not heads: drop --heads (or use flap, fasp, cfsp)")
-    heads = (method == "flap") if heads is None else bool(heads)
-    steps = parse_recover(recover, method)
-    recover_args = {k: v for k, v in (recover_args or {}).items() if v is not None}
-    lora_keys = [k for k in recover_args if k.startswith("lora_")]
-    if lora_keys and "lora" not in steps:
-        raise EdgepruneError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(lora_keys))} only apply with --recover lora (or X+lora)")
-    from edgeprune.recover import check_recover_args
-
-    recover_args = check_recover_args(steps, recover_args)
-    return {"method": method, "score": score, "target": target, "allocation": allocation, "heads": heads,
-            "recover": "+".join(steps) or "none", "recover_args": recover_args}
-
-
-def needs_gram(method: str = "cfsp", score: str | None = None, recover: str | None = None) -> bool:
-    """Whether the calibration pass must collect Gram matrices (lstsq, mask tuning, the condition metric)."""
-    score = score or DEFAULT_SCORE.get(method, "cfsp")
-    steps = parse_recover(recover, method) if method in METHODS else []
-    return score == "condition" or any(s in ("lstsq", "mask") for s in steps)
-
-
-def default_drop_layers(method: str, num_layers: int) -> int:
-    return max(1, int(math.floor(num_layers / 15 + 0.5))) if method == "comp" else 0
-
-
-# -------------------------------------------------------------------------------- the dispatcher
-def make_method_plan(
-    model,
-    stats: CalibrationStats,
-    base: dict,
-    sparsity: float,
-    method: str = "cfsp",
-    target: str | None = None,
-    allocation: str | None = None,
-    score: str | None = None,
-    drop_layers: int | None = None,
-    heads: bool | None = None,
-    align: int = 32,
-    temperature: float = allocate.DEFAULT_TEMPERATURE,
-    min_keep: float = 0.05,
-    seed: int = 0,
-    recover: str | None = None,
-    recover_args: dict | None = None,
-) -> PrunePlan:
-    """A PrunePlan for any method; `recover` (None = the method's native one) is recorded in it."""
-    validate_sparsity(sparsity)
-    opts = resolve_options(method, score, target, allocation, heads, recover, recover_args)
-    if drop_layers is None:
-        drop_layers = default_drop_layers(method, len(arch.layers(model)))
-    if opts["score"] == "condition" and stats.blocks and stats.blocks[0].ffn.gram is None:
-        raise EdgepruneError("the condition score needs Gram matrices: calibrate with gram=True")
-    common = dict(sparsity=sparsity, target=opts["target"], drop_layers=drop_layers, align=align,
-                  temperature=temperature, min_keep=min_keep, seed=seed)
-    if method == "flap":
-        plan = _flap_plan(model, stats, base, heads=opts["heads"], **common)
-    else:
-        plan = _ranked_plan(model, stats, base, opts["allocation"], opts["score"], opts["heads"], **common)
-    plan.method.update({"method": method, "allocation": opts["allocation"], "score": opts["score"], "heads": opts["heads"]})
-    plan = with_recovery(plan, opts["recover"], opts["recover_args"])
-    plan.achieved = achieved(model, plan)
-    if opts["heads"]:
-        plan.achieved["kv_groups"] = [len(lp.kv_keep) for lp in plan.layers]
-    return plan
-
-
-def with_recovery(plan: PrunePlan, recover: str | None, recover_args: dict | None = None) -> PrunePlan:
-    """A copy of `plan` that records `recover` and carries the bias flags it needs (same kept units).
-
-    Lets one selection be tried with several recoveries without re-planning."""
-    from edgeprune.recover import bias_flags, check_recover_args
-
-    method = plan.method.get("method", plan.method.get("allocation", "cfsp"))
-    steps = parse_recover(recover, method if method in METHODS else "cfsp")
-    args = check_recover_args(steps, {k: v for k, v in (recover_args or {}).items() if v is not None})
-    new = PrunePlan.from_dict(json.loads(plan.to_json()))
-    new.method.update({"recover": "+".join(steps) or "none", "recover_args": args})
-    ffn_b, attn_b = bias_flags(new.method["recover"], args)
-    for lp in new.layers:
-        lp.ffn_bias = ffn_b and len(lp.ffn_keep) < new.base["ffn"]
-        lp.attn_out_bias = attn_b and len(lp.kv_keep) < new.base["kv_heads"]
-    return new
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -232,46 +87,6 @@ def _geometry(model):
     q_per_group = cfg.num_attention_heads // n_kv
     d = cfg.hidden_size
     return d, cfg.intermediate_size, hd, n_kv, q_per_group
-
-
-def kv_group_params(layer, head_dim: int) -> int:
-    """Parameters one KV group carries, from the module shapes: q rows, k and v rows, o columns."""
-    attn = layer.self_attn
-    n_kv = attn.k_proj.out_features // head_dim
-    total = sum(lin.weight.numel() for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-    return total // n_kv
-
-
-def ffn_channel_params(layer) -> int:
-    mlp = layer.mlp
-    return (mlp.gate_proj.in_features + mlp.up_proj.in_features + mlp.down_proj.out_features)
-
-
-def _layer_linear(layer) -> int:
-    return sum(p.numel() for p in layer.self_attn.parameters()) + sum(p.numel() for p in layer.mlp.parameters())
-
-
-def _budget(model, stats, sparsity, target, drop_layers):
-    """(dropped, kept, parameters the kept layers' attention+FFN may still hold)."""
-    layers = arch.layers(model)
-    dropped = layers_to_drop(stats, drop_layers)
-    kept = [i for i in range(len(layers)) if i not in dropped]
-    counts = arch.param_counts(model)
-    to_remove = sparsity * (counts["ffn"] if target == "ffn" else counts["linear"])
-    keep_params = counts["linear"] - to_remove
-    kept_full = sum(_layer_linear(layers[i]) for i in kept)
-    if keep_params > kept_full:
-        removed = counts["linear"] - kept_full
-        raise EdgepruneError(
-            f"dropping {drop_layers} layers already removes more than --sparsity {sparsity} asks "
-            f"({removed / 1e6:.1f}M of {to_remove / 1e6:.1f}M parameters): raise --sparsity or drop fewer layers"
-        )
-    return dropped, kept, keep_params
-
-
-def _min_width(n: int, align: int, min_keep: float) -> int:
-    lo = max(align, int(np.ceil(min_keep * n)))
-    return min(n, int(math.ceil(lo / align) * align))
 
 
 def _standardize(s: torch.Tensor) -> torch.Tensor:
@@ -297,18 +112,13 @@ def _round_half_up(x: float) -> int:
 
 
 # ----------------------------------------------------------------------------- cfsp/uniform/fasp/comp
-def _ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed):
-    if not heads and score != "condition":
-        # exactly the core planner: same widths and channels as `edgeprune prune --method cfsp|uniform`
-        plan = make_plan(model, stats, base, sparsity, target=target, allocation=allocation, score=score,
-                         drop_layers=drop_layers, align=align, temperature=temperature, min_keep=min_keep, seed=seed)
-        return plan
+def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed):
     layers = arch.layers(model)
     d, n, hd, n_kv, _ = _geometry(model)
-    dropped, kept, keep_params = _budget(model, stats, sparsity, target, drop_layers)
-    kv_unit, ch_unit = kv_group_params(layers[0], hd), ffn_channel_params(layers[0])
+    dropped, kept, keep_params = budget.solve(model, stats, sparsity, target, drop_layers)
+    kv_unit, ch_unit = budget.kv_group_params(layers[0], hd), budget.ffn_channel_params(layers[0])
     attn_full = sum(sum(p.numel() for p in layers[i].self_attn.parameters()) for i in kept)
-    kept_full = sum(_layer_linear(layers[i]) for i in kept)
+    kept_full = sum(budget.layer_linear(layers[i]) for i in kept)
     ratios = _ratios(allocation, stats, kept, keep_params / kept_full, temperature, min_keep)
     kv_counts = [n_kv] * len(kept)
     if heads:
@@ -319,10 +129,10 @@ def _ranked_plan(model, stats, base, allocation, score, heads, sparsity, target,
             j = max((j for j, c in enumerate(kv_counts) if c < n_kv), key=lambda j: (ratios[j], -j))
             kv_counts[j] += 1
     attn_kept = attn_full - sum(n_kv - c for c in kv_counts) * kv_unit
-    budget = min(int(round((keep_params - attn_kept) / ch_unit)), n * len(kept))
-    if not heads:  # FFN-only: CFSP's ratios around the FFN keep mean, as prune.make_plan
-        ratios = _ratios(allocation, stats, kept, budget / (n * len(kept)), temperature, min_keep)
-    widths = allocate.round_widths(ratios, n, align, budget, min_width=int(np.ceil(min_keep * n)))
+    ffn_budget = min(int(round((keep_params - attn_kept) / ch_unit)), n * len(kept))
+    if not heads:  # FFN-only: CFSP's ratios around the FFN keep mean
+        ratios = _ratios(allocation, stats, kept, ffn_budget / (n * len(kept)), temperature, min_keep)
+    widths = allocate.round_widths(ratios, n, align, ffn_budget, min_width=int(np.ceil(min_keep * n)))
     layer_plans = []
     for i, width, kv in zip(kept, widths, kv_counts):
         layer, block = layers[i], stats.blocks[i]
@@ -350,11 +160,11 @@ def flap_channel_scores(layer, block) -> tuple[torch.Tensor, torch.Tensor]:
     return _standardize(ffn), _standardize(attn)
 
 
-def _flap_plan(model, stats, base, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed):
+def flap_plan(model, stats, base, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed):
     layers = arch.layers(model)
     d, n, hd, n_kv, q_per_group = _geometry(model)
-    dropped, kept, keep_params = _budget(model, stats, sparsity, target, drop_layers)
-    lo = _min_width(n, align, min_keep)
+    dropped, kept, keep_params = budget.solve(model, stats, sparsity, target, drop_layers)
+    lo = budget.min_width(n, align, min_keep)
 
     # every unit: (score, params, layer position, kind 0=ffn 1=kv, index); forced ones are kept first
     ffn_scores_, kv_scores = {}, {}
@@ -364,7 +174,7 @@ def _flap_plan(model, stats, base, heads, sparsity, target, drop_layers, align, 
     units_score, units_params, units_pos, units_kind, units_idx = [], [], [], [], []
     for pos, i in enumerate(kept):
         layer = layers[i]
-        ch_unit, kv_unit = ffn_channel_params(layer), kv_group_params(layer, hd)
+        ch_unit, kv_unit = budget.ffn_channel_params(layer), budget.kv_group_params(layer, hd)
         f, a = flap_channel_scores(layer, stats.blocks[i])
         ffn_scores_[pos] = f
         g = a.view(n_kv, -1).mean(1)  # a group's score: mean of its channels' standardised scores
@@ -398,12 +208,12 @@ def _flap_plan(model, stats, base, heads, sparsity, target, drop_layers, align, 
         else:
             kv_keep[units_pos[u]].add(units_idx[u])
 
-    attn_kept = sum(len(kv_keep[pos]) * kv_group_params(layers[i], hd) for pos, i in enumerate(kept))
-    ch_unit = ffn_channel_params(layers[0])
-    budget = int(round((keep_params - attn_kept) / ch_unit))
-    budget = max(min(budget, n * len(kept)), lo * len(kept))
+    attn_kept = sum(len(kv_keep[pos]) * budget.kv_group_params(layers[i], hd) for pos, i in enumerate(kept))
+    ch_unit = budget.ffn_channel_params(layers[0])
+    ffn_budget = int(round((keep_params - attn_kept) / ch_unit))
+    ffn_budget = max(min(ffn_budget, n * len(kept)), lo * len(kept))
     ratios = np.array([ffn_count[pos] / n for pos in range(len(kept))], dtype=np.float64)
-    widths = allocate.round_widths(ratios, n, align, budget, min_width=lo)
+    widths = allocate.round_widths(ratios, n, align, ffn_budget, min_width=lo)
     layer_plans = [
         LayerPlan(index=i, ffn_keep=_top(ffn_scores_[pos], w), kv_keep=sorted(kv_keep[pos]))
         for pos, (i, w) in enumerate(zip(kept, widths))
@@ -416,85 +226,3 @@ def _flap_plan(model, stats, base, heads, sparsity, target, drop_layers, align, 
         layers=layer_plans,
         dropped_layers=dropped,
     )
-
-
-# ------------------------------------------------------------------------- COMP condition metric
-def condition_scores(layer, block, ridge: float = CONDITION_RIDGE) -> torch.Tensor:
-    """One-shot e_j = ||W_down[:, j]||² / [(G + λI)^-1]_jj (higher = keep); see the module docstring."""
-    g = block.ffn.gram
-    if g is None:
-        raise EdgepruneError("the condition score needs Gram matrices: calibrate with gram=True")
-    w = layer.mlp.down_proj.weight.detach().double()
-    m = _ridge_inverse(g, ridge)
-    return w.pow(2).sum(0) / m.diagonal()
-
-
-def _ridge_inverse(g: torch.Tensor, ridge: float) -> torch.Tensor:
-    g = g.double()
-    lam = ridge * float(g.diagonal().mean().clamp_min(1e-30))
-    a = g + lam * torch.eye(g.shape[0], dtype=torch.float64)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_inverse(chol)
-    return torch.linalg.pinv(a, hermitian=True)
-
-
-_ORDER_CACHE: dict = {}  # id(ChannelStats) -> (weakref, weight data_ptr, ridge, removal order so far)
-
-
-def condition_keep(layer, block, width: int, ridge: float = CONDITION_RIDGE, chunk: int = CONDITION_CHUNK) -> list[int]:
-    """Greedy OBS-style removal by the condition metric down to `width` channels (sorted kept indices).
-
-    The greedy order does not depend on the target width, so the removal order is cached per
-    (calibration statistics, weights): planning several sparsities costs one pass per layer."""
-    n = layer.mlp.down_proj.in_features
-    w = layer.mlp.down_proj.weight
-    key = id(block.ffn)
-    hit = _ORDER_CACHE.get(key)
-    if hit and hit[0]() is block.ffn and hit[1] == (w.data_ptr(), tuple(w.shape)) and hit[2] == ridge and len(hit[3]) >= n - width:
-        order = hit[3]
-    else:
-        order = condition_order(layer, block, n - width, ridge, chunk)
-        _ORDER_CACHE[key] = (weakref.ref(block.ffn), (w.data_ptr(), tuple(w.shape)), ridge, order)
-    removed = set(order[: n - width])
-    return [j for j in range(n) if j not in removed]
-
-
-def condition_order(layer, block, n_remove: int, ridge: float = CONDITION_RIDGE, chunk: int = CONDITION_CHUNK) -> list[int]:
-    """The first `n_remove` channels in the greedy removal order (see the module docstring).
-
-    Exact one-at-a-time greedy: after each removal the inverse Gram M and the compensated W are
-    updated (rank one), so a channel stops looking redundant once its stand-in is gone. The rank-one
-    updates of M are kept as factors and folded in every `chunk` removals (one matrix product)."""
-    g = block.ffn.gram
-    if g is None:
-        raise EdgepruneError("the condition score needs Gram matrices: calibrate with gram=True")
-    n = g.shape[0]
-    m = _ridge_inverse(g, ridge)
-    w = layer.mlp.down_proj.weight.detach().double().clone()
-    alive = torch.arange(n)
-    order: list[int] = []
-    while len(order) < n_remove:
-        c = min(chunk, n_remove - len(order))
-        diag = m.diagonal().clone()
-        wn = w.pow(2).sum(0)
-        f = torch.zeros(c, len(alive), dtype=torch.float64)  # rank-one factors: current M = m - f^T f
-        gone = torch.zeros(len(alive), dtype=torch.bool)
-        for t in range(c):
-            e = wn / diag.clamp_min(1e-300)
-            e[gone] = math.inf
-            j = int(torch.argmin(e))  # ties: the lowest position (= lowest channel index)
-            col = m[:, j] - f[:t].T @ f[:t, j]
-            pivot = max(float(col[j]), 1e-300)
-            w -= torch.outer(w[:, j], col / pivot)  # OBS: zero column j, compensate the others
-            f[t] = col / math.sqrt(pivot)
-            diag -= f[t] * f[t]
-            wn = w.pow(2).sum(0)
-            gone[j] = True
-            order.append(int(alive[j]))
-        m = m - f.T @ f
-        keep = (~gone).nonzero().squeeze(1)
-        m = m[keep][:, keep]
-        w = w[:, keep]
-        alive = alive[keep]
-    return order

@@ -74,8 +74,11 @@ def default_model_path() -> Path:
 
 def _check_gguf(path: Path) -> str:
     """Refuse non-GGUF files and unsupported architectures before transformers sees them."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise EdgepruneError(f"cannot read {path}: {exc.strerror}") from None
     if magic != b"GGUF":
         raise EdgepruneError(f"{path} is not a GGUF file (no GGUF magic bytes): pass a .gguf model file")
     try:
@@ -84,7 +87,7 @@ def _check_gguf(path: Path) -> str:
         reader = GGUFReader(str(path))
         field_ = reader.fields["general.architecture"]
         arch = bytes(field_.parts[field_.data[0]]).decode()
-    except Exception as exc:  # truncated or corrupt header
+    except Exception as exc:  # truncated or corrupt header: gguf raises many types, none of them ours
         raise EdgepruneError(f"{path} is a corrupt GGUF file ({type(exc).__name__}): re-download or re-export it") from None
     if arch not in SUPPORTED_GGUF_ARCHS:
         hint = " (an edgeprune export; load the pruned checkpoint directory instead)" if arch == "deci" else ""
@@ -95,9 +98,13 @@ def _check_gguf(path: Path) -> str:
 
 
 def check_architecture(config) -> None:
-    model_type = getattr(config, "model_type", None)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    if not model_type:
+        raise EdgepruneError("the model's config.json has no model_type: edgeprune loads Llama-family models (model_type llama)")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        archs = ",".join(getattr(config, "architectures", None) or []) or "unknown class"
+        archs = (config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)) or []
+        archs = ",".join(str(a) for a in archs)[:80] if isinstance(archs, list) else "unknown class"
+        model_type = str(model_type)[:40]
         raise EdgepruneError(
             f"unsupported architecture '{model_type}' ({archs}): edgeprune prunes Llama-family "
             f"decoders (model_type {', '.join(SUPPORTED_MODEL_TYPES)}: Llama, SmolLM2, TinyLlama, ...)"
@@ -165,15 +172,24 @@ _CONVERSION_VERSION = "2"
 def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:
     target = cache_dir() / "gguf" / f"{digest[:24]}-v{_CONVERSION_VERSION}"
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+        try:
+            for weights in target.glob("*.safetensors"):
+                check_safetensors(weights)
+            json.loads((target / "config.json").read_text())
+        except (EdgepruneError, OSError, ValueError):
+            raise EdgepruneError(f"edgeprune's cached conversion of {path.name} is corrupt ({target}): "
+                                 f"remove it (rm -r '{target}') and run again; it is rebuilt from the GGUF") from None
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
         progress(f"converting {path.name} to a torch checkpoint (once; cached in {target})")
-    tokenizer = _fix_tokenizer_from_gguf(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = _fix_tokenizer_from_gguf(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False), path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    from edgeprune import outputs
+
+    tmp = outputs.register(Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-")))
     try:
         save_hf(model, tokenizer, tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(path), "sha256": digest}))
@@ -182,6 +198,7 @@ def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        outputs.unregister(tmp)
     return target
 
 
@@ -194,23 +211,195 @@ def _dir_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's header must parse and its tensors must lie inside the file (a truncated
+    or corrupt file fails here with one line, not deep inside the loader)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or 8 + n > size or n > 100 << 20:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        end = 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, stop = info["data_offsets"]
+            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
+                raise ValueError("bad offsets")
+            end = max(end, stop)
+        if 8 + n + end > size:
+            raise ValueError("truncated")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EdgepruneError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:60]}): "
+                             "it is truncated or corrupt; re-download or re-export it") from None
+
+
+def check_hf_dir(path: Path) -> dict:
+    """What can be told about a model directory without importing transformers: config.json is a
+    Llama config, the weights are safetensors (never pickles: unpickling runs code) and intact, and
+    a tokenizer is there. Returns the config dict."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgepruneError(f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or a hub id") from None
+    except (OSError, ValueError) as exc:
+        raise EdgepruneError(f"{path}/config.json is not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(config, dict):
+        raise EdgepruneError(f"{path}/config.json is not a JSON object")
+    check_architecture(config)
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise EdgepruneError(f"{path} has only pickle weights ({', '.join(pickles[:3])}): edgeprune loads safetensors only, "
+                                 "because unpickling can run code; convert them to safetensors with a tool you trust")
+        raise EdgepruneError(f"{path} has no *.safetensors weights")
+    for w in weights:
+        check_safetensors(w)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise EdgepruneError(f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the base model's tokenizer files there")
+    return config
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
 def _load_hf_dir(path: str, device: str, dtype: torch.dtype):
+    """Never runs code from the directory: trust_remote_code=False everywhere, safetensors only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_hf_dir(Path(path))
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise EdgepruneError(f"cannot read a model config from {path}: {str(exc).splitlines()[0]}") from None
+        raise EdgepruneError(f"cannot read a model config from {path}: {_first_line(exc)}") from None
     check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EdgepruneError(f"cannot load the weights in {path}: {_first_line(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise EdgepruneError(f"cannot load the tokenizer in {path}: {_first_line(exc)}") from None
     return model.to(device).eval(), tokenizer
+
+
+COMPUTE_DTYPES = {"float32": "float32", "fp32": "float32", "f32": "float32", "float16": "float16", "fp16": "float16",
+                  "f16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def torch_dtype_of(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    key = COMPUTE_DTYPES.get(str(name).strip().lower())
+    if key is None:
+        raise EdgepruneError(f"--dtype {name!r} is not a torch compute dtype: use float32, float16 or bfloat16")
+    return getattr(torch, key)
+
+
+def check_device(device: str) -> str:
+    """A torch device that exists on this machine (cpu, cuda, cuda:N, mps)."""
+    try:
+        dev = torch.device(str(device).strip())
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise EdgepruneError(f"--device {str(device)[:40]!r} is not a device edgeprune runs on: use cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EdgepruneError(f"--device {device}: no CUDA GPU is available to this torch ({torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EdgepruneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EdgepruneError(f"--device {device}: MPS is not available here; use --device cpu")
+    return str(dev)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
+
+
+def check_model_spec(spec: str | None, flag: str = "model") -> None:
+    """Everything about a model argument that can be checked without loading it (one-line errors)."""
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        default_model_path()
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "plan.json").is_file():
+            if not (path / "model.safetensors").is_file():
+                raise EdgepruneError(f"{path}/model.safetensors is missing: the checkpoint is incomplete")
+            check_safetensors(path / "model.safetensors")
+            return
+        check_hf_dir(path)
+        return
+    if path.is_file():
+        _check_gguf(path)
+        return
+    if path.exists():
+        raise EdgepruneError(f"{flag} {spec} is neither a file nor a directory")
+    first = Path(spec.split("/", 1)[0]).expanduser()
+    if not _looks_like_hub_id(spec) or first.is_dir():
+        raise EdgepruneError(f"{flag} not found: {spec} (no such file or directory; pass a .gguf file, a model directory, "
+                             f"a hub id or '{DEFAULT_MODEL}')")
+
+
+def source_fingerprint(spec: str | None) -> str | None:
+    """The fingerprint `load_model` will give this local model (None for a hub id), without loading it."""
+    spec = spec or DEFAULT_MODEL
+    path = default_model_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+    if path.is_dir():
+        return _dir_fingerprint(path)
+    return sha256_file(path) if path.is_file() else None
+
+
+def peek_geometry(spec: str | None) -> dict:
+    """Layers, FFN width and context length read from config.json or GGUF metadata without loading
+    weights ({} when they cannot be read this cheaply, e.g. a hub id): lets the CLI refuse
+    --drop-layers 99 or --align 7 before any expensive work."""
+    spec = spec or DEFAULT_MODEL
+    try:
+        path = default_model_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+        if path.is_dir():
+            cfg = json.loads((path / "config.json").read_text())
+            shapes = cfg.get("edgeprune_layer_shapes")
+            ffn = max(s["ffn"] for s in shapes) if shapes else cfg.get("intermediate_size")
+            return {"num_layers": cfg.get("num_hidden_layers"), "ffn": ffn, "context": cfg.get("max_position_embeddings")}
+        if path.is_file():
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(path))
+            arch = _gguf_field(reader, "general.architecture")
+
+            def get(key):
+                v = _gguf_field(reader, f"{arch}.{key}")
+                return int(max(v)) if isinstance(v, list) and v else (int(v) if v is not None else None)
+
+            return {"num_layers": get("block_count"), "ffn": get("feed_forward_length"), "context": get("context_length")}
+    except Exception:  # the loader reports a bad model with its own message; this is only a preview
+        return {}
+    return {}
 
 
 def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32", progress=None) -> LoadedModel:
     """Load `spec` (see module docstring) in eval mode on `device`."""
     spec = spec or DEFAULT_MODEL
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = torch_dtype_of(dtype)
     path = Path(spec).expanduser()
     if spec == DEFAULT_MODEL:
         path = default_model_path()
@@ -219,8 +408,6 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
             from edgeprune.checkpoint import load_pruned
 
             return load_pruned(path, device=device, dtype=torch_dtype, spec=spec)
-        if not (path / "config.json").is_file():
-            raise EdgepruneError(f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or a hub id")
         model, tokenizer = _load_hf_dir(str(path), device, torch_dtype)
         return LoadedModel(model, tokenizer, spec, str(path.resolve()), _dir_fingerprint(path))
     if path.is_file():
@@ -229,9 +416,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         hf_dir = _gguf_to_hf_dir(path, digest, progress)
         model, tokenizer = _load_hf_dir(str(hf_dir), device, torch_dtype)
         return LoadedModel(model, tokenizer, spec, str(path.resolve()), digest, info={"gguf_architecture": arch})
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not spec.endswith(".gguf")
-    if not looks_like_hub_id:
-        raise EdgepruneError(f"model not found: {spec} (pass a .gguf file, a model directory, a hub id or '{DEFAULT_MODEL}')")
+    check_model_spec(spec)  # a missing local path is reported as missing, not as a hub failure
     try:
         from huggingface_hub import snapshot_download
 

@@ -12,7 +12,7 @@ from edgeprune.data import calibration_ids
 from edgeprune.apply import apply_plan
 from edgeprune.exporters.common import atomic_dir
 from edgeprune.plan import PrunePlan, base_description
-from edgeprune.prune import pruned_copy
+from edgeprune.prune import make_plan, pruned_copy
 from edgeprune.report import plot_widths, write_json
 
 
@@ -37,30 +37,29 @@ def _recalibrate_for(lm, plan: PrunePlan, progress=None):
     cal = plan.calibration or {}
     missing = [k for k in ("source", "nsamples", "seqlen", "seed") if k not in cal]
     if missing:
-        raise EdgepruneError(f"the plan records recovery '{plan.method.get('recover')}' but not its calibration data ({', '.join(missing)})")
+        raise EdgepruneError(f"the plan records recovery '{plan.method['recover']}' but not its calibration data ({', '.join(missing)})")
     return calibration_pass(lm, cal["source"], cal["nsamples"], cal["seqlen"], cal["seed"],
-                            gram=needs(plan.method.get("recover"))["gram"], progress=progress)
+                            gram=needs(plan.method["recover"])["gram"], progress=progress)
 
 
 def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePlan | None = None, report: dict | None = None,
                    ids=None, progress=None, inplace: bool = False, **plan_args):
     """Make (or re-apply) a plan, prune a copy of the dense model, run the plan's recovery, and write
-    checkpoint + plan + report + PNG atomically. `plan_args` go to methods.make_method_plan.
+    checkpoint + plan + report + PNG atomically. `plan_args` go to prune.make_plan.
 
     Recovery needs calibration statistics (with Gram matrices for lstsq/mask) and, for LoRA, the
     calibration ids; when they are not given (re-applying a plan) one fresh pass over the plan's
     own calibration data provides them."""
-    from edgeprune.methods import make_method_plan
     from edgeprune.recover import needs, recover
 
     timings = {}
     t = time.perf_counter()
     if plan is None:
-        plan = make_method_plan(lm.model, stats, base_of(lm), **plan_args)
+        plan = make_plan(lm.model, stats, base_of(lm), **plan_args)
     else:
         plan.check_base(base_of(lm))
     timings["plan_s"] = time.perf_counter() - t
-    need = needs(plan.method.get("recover"))
+    need = needs(plan.method["recover"])
     if need["stats"] and (stats is None or (need["gram"] and stats.blocks[0].ffn.gram is None) or (need["ids"] and ids is None)):
         ids, stats, cal_t = _recalibrate_for(lm, plan, progress)
         timings.update({f"recovery_{k}": v for k, v in cal_t.items()})

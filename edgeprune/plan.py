@@ -12,10 +12,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgeprune.arch import LayerShape
+from edgeprune.geometry import LayerShape, ModelGeometry
 from edgeprune.errors import EdgepruneError
 
 PLAN_VERSION = 1
+
+# Every plan's `method` record has these keys, whoever wrote it (prune.make_plan, fit's dense
+# plan, an older file): readers never guess which shape they got.
+METHOD_DEFAULTS = {"method": "none", "allocation": "none", "score": "none", "sparsity": 0.0, "target": "ffn",
+                   "drop_layers": 0, "align": 1, "temperature": None, "min_keep": None, "seed": 0, "heads": False,
+                   "recover": "none", "recover_args": {}}
 
 
 @dataclass
@@ -46,12 +52,24 @@ class PrunePlan:
     achieved: dict = field(default_factory=dict)  # sparsities and parameter counts
     version: int = PLAN_VERSION
 
+    def __post_init__(self):
+        if isinstance(self.method, dict):
+            self.method = {**METHOD_DEFAULTS, **self.method}
+
     @property
     def queries_per_group(self) -> int:
         return self.base["heads"] // self.base["kv_heads"]
 
     def layer_shapes(self) -> list[LayerShape]:
         return [lp.shape(self.queries_per_group) for lp in self.layers]
+
+    def geometry(self) -> ModelGeometry:
+        """The pruned model's geometry, from the plan alone (no model is built): what the latency
+        model, fit and the exporters' shape checks read."""
+        b = self.base
+        return ModelGeometry(hidden=b["hidden"], vocab=b["vocab"], head_dim=b["head_dim"], layers=tuple(self.layer_shapes()),
+                             tied=bool(b.get("tied_embeddings", True)), qkv_bias=bool(b.get("qkv_bias", False)),
+                             name=str(b.get("id", "")))
 
     def widths(self) -> list[int]:
         return [len(lp.ffn_keep) for lp in self.layers]
@@ -64,6 +82,8 @@ class PrunePlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PrunePlan":
+        if not isinstance(data, dict):  # a plan file holding a list or a number
+            raise EdgepruneError(f"malformed plan: expected a JSON object, got {type(data).__name__}")
         if data.get("version") != PLAN_VERSION:
             raise EdgepruneError(f"plan version {data.get('version')} is not supported (this edgeprune reads version {PLAN_VERSION})")
         try:
@@ -86,7 +106,9 @@ class PrunePlan:
         if not path.is_file():
             raise EdgepruneError(f"plan file not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise EdgepruneError(f"{path} is not a text file: a plan is JSON written by edgeprune prune") from None
         except json.JSONDecodeError as exc:
             raise EdgepruneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_dict(data)
@@ -116,4 +138,5 @@ def base_description(model, model_id: str, fingerprint: str) -> dict:
         "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
         "vocab": cfg.vocab_size,
         "tied_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "qkv_bias": bool(getattr(cfg, "attention_bias", False)),
     }

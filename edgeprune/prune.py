@@ -1,139 +1,161 @@
-"""From calibration statistics to a PrunePlan (CFSP allocation, COMP-style layer dropping).
-
-Budget. `sparsity` p removes p x (dense FFN parameters) when target = "ffn" (the default), or
-p x (dense attention + FFN parameters) when target = "linear". Dropped layers count towards that
-budget: the FFN channels left for the remaining blocks are re-solved so the total parameter
-target still holds. Embeddings and norms never count (pruning never shrinks them) and are
-reported separately.
+"""From calibration statistics to a PrunePlan: the one planning entry point (`make_plan`) for every
+method, its options, and pruning in memory (`pruned_copy`); saving is a separate call
+(pipeline.prune_and_save, checkpoint.save_pruned). What each method keeps is methods.py; the
+budget is budget.py.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 
-import numpy as np
-import torch
-
-from edgeprune import allocate, arch
+from edgeprune import allocate, arch, methods
 from edgeprune.apply import apply_plan
+from edgeprune.budget import TARGETS, achieved, validate_sparsity
 from edgeprune.calibrate import CalibrationStats
 from edgeprune.errors import EdgepruneError
-from edgeprune.importance import FFN_SCORES, ffn_scores
-from edgeprune.plan import LayerPlan, PrunePlan
+from edgeprune.importance import FFN_SCORES
+from edgeprune.plan import PrunePlan
+from edgeprune.recover import bias_flags, check_recover_args
 
-TARGETS = ("ffn", "linear")
-
-
-def layers_to_drop(stats: CalibrationStats, k: int) -> list[int]:
-    """The k blocks with the smallest Block Influence 1 - cos(h_in, h_out); block 0 always stays
-    (llama.cpp derives the head size from layer 0, and it is never unimportant in practice)."""
-    n = len(stats.blocks)
-    if not 0 <= k < n - 1:
-        raise EdgepruneError(f"--drop-layers must be between 0 and {n - 2} for a {n}-layer model, got {k}")
-    order = sorted(range(1, n), key=lambda i: stats.blocks[i].one_minus_cos)
-    return sorted(order[:k])
+METHODS = ("cfsp", "uniform", "flap", "fasp", "comp")
+CLOSED_FORM_RECOVERIES = ("bias", "lstsq", "mask")
+RECOVERIES = ("none",) + CLOSED_FORM_RECOVERIES + ("lora",)
+COMP_SCORES = ("condition",) + FFN_SCORES
+NATIVE_RECOVERY = {"cfsp": "none", "uniform": "none", "flap": "bias", "fasp": "lstsq", "comp": "mask"}
+DEFAULT_SCORE = {"cfsp": "cfsp", "uniform": "cfsp", "flap": "flap", "fasp": "wanda-sp", "comp": "condition"}
+DEFAULT_TARGET = {"cfsp": "ffn", "uniform": "ffn", "flap": "linear", "fasp": "ffn", "comp": "ffn"}
 
 
-def validate_sparsity(sparsity: float) -> None:
-    if not 0.0 < sparsity < 0.95:
-        raise EdgepruneError(f"--sparsity must be in (0, 0.95), got {sparsity}")
+# ------------------------------------------------------------------------------------ options
+def parse_recover(recover: str | None, method: str) -> list[str]:
+    """'bias', 'lstsq+lora', 'none', None (the method's native recovery) -> ordered list of steps."""
+    if recover is None:
+        recover = NATIVE_RECOVERY[method]
+    steps = [s.strip() for s in str(recover).split("+") if s.strip()]
+    bad = [s for s in steps if s not in RECOVERIES]
+    if bad or not steps:
+        raise EdgepruneError(f"--recover must be one of {', '.join(RECOVERIES)} (or one of bias, lstsq, mask + lora, e.g. bias+lora), got '{recover}'")
+    if steps == ["none"]:
+        return []
+    if "none" in steps:
+        raise EdgepruneError(f"--recover none cannot be combined with other recoveries, got '{recover}'")
+    closed = [s for s in steps if s in CLOSED_FORM_RECOVERIES]
+    if len(closed) > 1:
+        raise EdgepruneError(f"--recover takes at most one of bias, lstsq, mask (each re-fits the same weights), got '{recover}'")
+    if steps.count("lora") > 1 or ("lora" in steps and steps[-1] != "lora"):
+        raise EdgepruneError(f"--recover: lora comes last, once (e.g. bias+lora), got '{recover}'")
+    return steps
 
 
+def resolve_options(method: str = "cfsp", score: str | None = None, target: str | None = None,
+                    allocation: str | None = None, heads: bool | None = None, recover: str | None = None,
+                    recover_args: dict | None = None) -> dict:
+    """Check a method's options and fill its defaults, before any model is loaded (one-line errors)."""
+    if method not in METHODS:
+        raise EdgepruneError(f"--method must be one of {', '.join(METHODS)}, got {method}")
+    target = target or DEFAULT_TARGET[method]
+    if target not in TARGETS:
+        raise EdgepruneError(f"--target must be one of {', '.join(TARGETS)}, got {target}")
+    if method in ("cfsp", "uniform"):
+        if allocation not in (None, method):
+            raise EdgepruneError(f"--allocation applies to --method fasp and comp; --method {method} is itself the allocation")
+        allocation = method
+    elif method == "flap":
+        if allocation not in (None, "global"):
+            raise EdgepruneError("--method flap ranks all layers together (global allocation): --allocation does not apply")
+        allocation = "global"
+    else:
+        allocation = allocation or "uniform"
+        if allocation not in allocate.ALLOCATIONS:
+            raise EdgepruneError(f"--allocation must be one of {', '.join(allocate.ALLOCATIONS)}, got {allocation}")
+    if method == "flap":
+        if score not in (None, "flap"):
+            raise EdgepruneError("--method flap ranks by its fluctuation metric: --score does not apply (try --method uniform --score flap)")
+    score = score or DEFAULT_SCORE[method]
+    if score not in COMP_SCORES:
+        raise EdgepruneError(f"--score must be one of {', '.join(COMP_SCORES)}, got {score}")
+    if method == "comp" and heads:
+        raise EdgepruneError("--method comp prunes layers and FFN neurons, not heads: drop --heads (or use flap, fasp, cfsp)")
+    heads = (method == "flap") if heads is None else bool(heads)
+    steps = parse_recover(recover, method)
+    recover_args = {k: v for k, v in (recover_args or {}).items() if v is not None}
+    lora_keys = [k for k in recover_args if k.startswith("lora_")]
+    if lora_keys and "lora" not in steps:
+        raise EdgepruneError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(lora_keys))} only apply with --recover lora (or X+lora)")
+    recover_args = check_recover_args(steps, recover_args)
+    return {"method": method, "score": score, "target": target, "allocation": allocation, "heads": heads,
+            "recover": "+".join(steps) or "none", "recover_args": recover_args}
+
+
+def needs_gram(method: str = "cfsp", score: str | None = None, recover: str | None = None) -> bool:
+    """Whether the calibration pass must collect Gram matrices (lstsq, mask tuning, the condition metric)."""
+    score = score or DEFAULT_SCORE.get(method, "cfsp")
+    steps = parse_recover(recover, method) if method in METHODS else []
+    return score == "condition" or any(s in ("lstsq", "mask") for s in steps)
+
+
+def default_drop_layers(method: str, num_layers: int) -> int:
+    return max(1, int(math.floor(num_layers / 15 + 0.5))) if method == "comp" else 0
+
+
+# -------------------------------------------------------------------------------- the dispatcher
 def make_plan(
     model,
     stats: CalibrationStats,
     base: dict,
     sparsity: float,
-    target: str = "ffn",
-    allocation: str = "cfsp",
-    score: str = "cfsp",
-    drop_layers: int = 0,
+    method: str = "cfsp",
+    target: str | None = None,
+    allocation: str | None = None,
+    score: str | None = None,
+    drop_layers: int | None = None,
+    heads: bool | None = None,
     align: int = 32,
     temperature: float = allocate.DEFAULT_TEMPERATURE,
     min_keep: float = 0.05,
     seed: int = 0,
+    recover: str | None = None,
+    recover_args: dict | None = None,
 ) -> PrunePlan:
+    """A PrunePlan for any method; `recover` (None = the method's native one) is recorded in it."""
     validate_sparsity(sparsity)
-    if target not in TARGETS:
-        raise EdgepruneError(f"--target must be one of {', '.join(TARGETS)}, got {target}")
-    if allocation not in allocate.ALLOCATIONS:
-        raise EdgepruneError(f"--allocation must be one of {', '.join(allocate.ALLOCATIONS)}, got {allocation}")
-    if score not in FFN_SCORES:
-        raise EdgepruneError(f"--score must be one of {', '.join(FFN_SCORES)}, got {score}")
-    layers = arch.layers(model)
-    n_layers, d, n = len(layers), model.config.hidden_size, model.config.intermediate_size
-    dropped = layers_to_drop(stats, drop_layers)
-    kept = [i for i in range(n_layers) if i not in dropped]
-
-    counts = arch.param_counts(model)
-    per_channel = 3 * d  # one FFN channel = a row of gate and up, a column of down
-    to_remove = sparsity * (counts["ffn"] if target == "ffn" else counts["linear"])
-    removed_by_dropping = sum(
-        sum(p.numel() for p in layers[i].self_attn.parameters()) + sum(p.numel() for p in layers[i].mlp.parameters())
-        for i in dropped
-    )
-    ffn_left = n * len(kept) * per_channel
-    budget = int(round((ffn_left - (to_remove - removed_by_dropping)) / per_channel))
-    if budget > n * len(kept):
-        raise EdgepruneError(
-            f"dropping {drop_layers} layers already removes more than --sparsity {sparsity} asks "
-            f"({removed_by_dropping / 1e6:.1f}M of {to_remove / 1e6:.1f}M parameters): raise --sparsity or drop fewer layers"
-        )
-
-    keep_mean = budget / (n * len(kept))
-    if allocation == "cfsp":
-        ratios = allocate.cfsp_keep_ratios([stats.blocks[i].angular for i in kept], keep_mean, temperature, min_keep)
+    opts = resolve_options(method, score, target, allocation, heads, recover, recover_args)
+    if drop_layers is None:
+        drop_layers = default_drop_layers(method, len(arch.layers(model)))
+    if opts["score"] == "condition" and stats.blocks and stats.blocks[0].ffn.gram is None:
+        raise EdgepruneError("the condition score needs Gram matrices: calibrate with gram=True")
+    common = dict(sparsity=sparsity, target=opts["target"], drop_layers=drop_layers, align=align,
+                  temperature=temperature, min_keep=min_keep, seed=seed)
+    if method == "flap":
+        plan = methods.flap_plan(model, stats, base, heads=opts["heads"], **common)
     else:
-        ratios = allocate.uniform_keep_ratios(len(kept), keep_mean)
-    widths = allocate.round_widths(ratios, n, align, budget, min_width=int(np.ceil(min_keep * n)))
-
-    n_kv = model.config.num_key_value_heads
-    layer_plans = []
-    for i, width in zip(kept, widths):
-        scores = ffn_scores(score, layers[i], stats.blocks[i], seed=seed, layer_index=i)
-        top = torch.topk(scores, width).indices.sort().values.tolist()
-        layer_plans.append(LayerPlan(index=i, ffn_keep=top, kv_keep=list(range(n_kv))))
-
-    plan = PrunePlan(
-        base=base,
-        method={
-            "allocation": allocation,
-            "score": score,
-            "sparsity": sparsity,
-            "target": target,
-            "drop_layers": drop_layers,
-            "align": align,
-            "temperature": temperature,
-            "min_keep": min_keep,
-            "seed": seed,
-        },
-        calibration=dict(stats.description),
-        layers=layer_plans,
-        dropped_layers=dropped,
-    )
+        plan = methods.ranked_plan(model, stats, base, opts["allocation"], opts["score"], opts["heads"], **common)
+    plan.method.update({"method": method, "allocation": opts["allocation"], "score": opts["score"], "heads": opts["heads"]})
+    plan = with_recovery(plan, opts["recover"], opts["recover_args"])
     plan.achieved = achieved(model, plan)
+    if opts["heads"]:
+        plan.achieved["kv_groups"] = [len(lp.kv_keep) for lp in plan.layers]
     return plan
 
 
-def achieved(dense_model, plan: PrunePlan) -> dict:
-    """Sparsity actually reached: of the FFN, of all linear layers, of the whole model."""
-    dense = arch.param_counts(dense_model)
-    cfg = dense_model.config
-    d, hd = cfg.hidden_size, plan.base["head_dim"]
-    ffn = sum(3 * d * w for w in plan.widths())
-    attn = sum((2 * s.n_heads + 2 * s.n_kv_heads) * hd * d for s in plan.layer_shapes())
-    norms = (2 * len(plan.layers) + 1) * d
-    total = dense["embedding"] + dense["lm_head_untied"] + ffn + attn + norms
-    return {
-        "ffn_widths": plan.widths(),
-        "ffn_sparsity": round(1 - ffn / dense["ffn"], 6),
-        "linear_sparsity": round(1 - (ffn + attn) / dense["linear"], 6),
-        "model_sparsity": round(1 - total / dense["total"], 6),
-        "params_dense": dense["total"],
-        "params_pruned": total,
-        "params_embedding": dense["embedding"] + dense["lm_head_untied"],
-        "layers_kept": len(plan.layers),
-    }
+def with_recovery(plan: PrunePlan, recover: str | None, recover_args: dict | None = None) -> PrunePlan:
+    """A copy of `plan` that records `recover` and carries the bias flags it needs (same kept units).
+
+    Lets one selection be tried with several recoveries without re-planning."""
+    method = plan.method["method"]
+    steps = parse_recover(recover, method if method in METHODS else "cfsp")
+    args = check_recover_args(steps, {k: v for k, v in (recover_args or {}).items() if v is not None})
+    new = PrunePlan.from_dict(json.loads(plan.to_json()))
+    new.method.update({"recover": "+".join(steps) or "none", "recover_args": args})
+    ffn_b, attn_b = bias_flags(new.method["recover"], args)
+    for lp in new.layers:
+        lp.ffn_bias = ffn_b and len(lp.ffn_keep) < new.base["ffn"]
+        lp.attn_out_bias = attn_b and len(lp.kv_keep) < new.base["kv_heads"]
+    return new
+
+
 
 
 def pruned_copy(model, plan: PrunePlan):

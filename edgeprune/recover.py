@@ -350,8 +350,8 @@ def lora_recover(pruned, plan: PrunePlan, stats: CalibrationStats, ids: torch.Te
 # --------------------------------------------------------------------------------- the entry point
 def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids: torch.Tensor | None = None, progress=None) -> dict:
     """Run the recovery recorded in `plan.method` on `pruned` (made from `dense` by apply_plan)."""
-    steps = _steps(plan.method.get("recover"))
-    args = plan.method.get("recover_args") or {}
+    steps = _steps(plan.method["recover"])
+    args = plan.method["recover_args"]
     report = {}
     for s in steps:
         t = time.perf_counter()

@@ -18,19 +18,40 @@ plus a coarse grid for the frontier plot.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from edgeprune import latency
+from edgeprune import arch, dtypes, latency
 from edgeprune.errors import EdgepruneError
+from edgeprune.geometry import ModelGeometry
 from edgeprune.plan import PrunePlan
 from edgeprune.prune import make_plan, pruned_copy
 
 SPARSITY_GRID = tuple(round(x, 2) for x in np.arange(0.0, 0.81, 0.05))
 DROP_GRID = (0, 2, 4, 6)
 FRONTIER_SPARSITIES = (0.2, 0.4, 0.6)
+# Mixed precision: besides llama.cpp's own rule for the output projection (Q6_K, or Q8_0 for rows
+# that are not whole 256-blocks), the search tries it in Q5_0. The tied embedding of a small model
+# is a large share of the bytes read per decoded token (28M of SmolLM2-135M's 135M parameters),
+# so a smaller head buys speed that pruning would otherwise have to buy with layers.
+HEAD_VARIANTS = (None, "q5_0")
+
+
+def mix_label(dtype: str, head: str | None) -> str:
+    return dtype + (f"-output-{head}" if head else "")
+
+
+def mix_overrides(head: str | None) -> dict | None:
+    return {"output": head} if head else None
+
+
+def mixes(dtypes_: list[str], fmt: str) -> list[tuple[str, str | None]]:
+    """(dtype, head override) pairs the search tries: each profile dtype with llama.cpp's own output
+    rule, and for quantized GGUF dtypes each HEAD_VARIANTS override too (llama.cpp's rule always
+    stores the output in Q6_K or Q8_0, more bits than the variants)."""
+    return [(d, h) for d in dtypes_ for h in (HEAD_VARIANTS if fmt == "gguf" and dtypes.get(d, "gguf").quantized else (None,))]
 
 
 @dataclass
@@ -41,6 +62,7 @@ class Candidate:
     plan: PrunePlan | None  # None = the dense model
     prediction: latency.Prediction
     check: latency.TargetCheck
+    head: str | None = None  # storage override of the output projection (mixed precision)
     kl_structure: float | None = None
     kl_quant: float | None = None
 
@@ -57,13 +79,19 @@ class Candidate:
     @property
     def label(self) -> str:
         s = "dense" if self.plan is None else f"{self.sparsity:.0%} FFN-eq"
-        return s + (f", -{self.drop_layers} layers" if self.drop_layers else "") + f", {self.dtype}"
+        return s + (f", -{self.drop_layers} layers" if self.drop_layers else "") + f", {self.mix}"
+
+    @property
+    def mix(self) -> str:
+        return mix_label(self.dtype, self.head)
 
     def to_dict(self) -> dict:
         return {
             "sparsity": self.sparsity,
             "drop_layers": self.drop_layers,
             "dtype": self.dtype,
+            "head": self.head,
+            "mix": self.mix,
             "label": self.label,
             "widths": self.plan.widths() if self.plan else None,
             "achieved": self.plan.achieved if self.plan else None,
@@ -75,20 +103,16 @@ class Candidate:
         }
 
 
-@dataclass
-class SearchResult:
-    candidates: list[Candidate]
-    chosen: Candidate | None
-    dense_by_dtype: dict = field(default_factory=dict)
+def geometry_of(model, plan: PrunePlan | None) -> ModelGeometry:
+    """A candidate's geometry: the plan's own (no model is built), or the dense model's."""
+    return arch.geometry(model) if plan is None else plan.geometry()
 
 
-def geometry_of(model, plan: PrunePlan | None, name: str = "") -> latency.ModelGeometry:
-    dense = latency.ModelGeometry.from_model(model, name=name)
-    return dense if plan is None else dense.with_layers(plan.layer_shapes(), name)
-
-
-def enumerate_candidates(model, stats, base: dict, profile, dtypes, targets, align: int, seed: int = 0,
-                         sparsities=SPARSITY_GRID, drops=DROP_GRID, allocation="cfsp", score="cfsp") -> list[Candidate]:
+def enumerate_candidates(model, stats, base: dict, profile, mix_menu, targets, align: int, seed: int = 0,
+                         sparsities=SPARSITY_GRID, drops=DROP_GRID, allocation="cfsp", score="cfsp",
+                         imatrix: bool = True) -> list[Candidate]:
+    """Every (structure, mix) with its predicted latency and memory on `profile`; `mix_menu` is
+    `mixes(...)`'s (dtype, head override) pairs."""
     n_layers = model.config.num_hidden_layers
     plans: dict[tuple[float, int], PrunePlan | None] = {}
     for drop in drops:
@@ -100,16 +124,16 @@ def enumerate_candidates(model, stats, base: dict, profile, dtypes, targets, ali
                     plans[(0.0, 0)] = None
                 continue
             try:
-                plans[(p, drop)] = make_plan(model, stats, base, p, allocation=allocation, score=score,
+                plans[(p, drop)] = make_plan(model, stats, base, p, method=allocation, score=score,
                                              drop_layers=drop, align=align, seed=seed)
             except EdgepruneError:
                 continue  # e.g. dropping layers alone already removes more than p asks
     out = []
     for (p, drop), plan in plans.items():
         geom = geometry_of(model, plan)
-        for dtype in dtypes:
-            pred = latency.predict_for_profile(geom, profile, dtype)
-            out.append(Candidate(p, drop, dtype, plan, pred, latency.check_targets(pred, targets, profile.memory.budget)))
+        for dtype, head in mix_menu:
+            pred = latency.predict_for_profile(geom, profile, dtype, head_dtype=head, imatrix=imatrix)
+            out.append(Candidate(p, drop, dtype, plan, pred, latency.check_targets(pred, targets, profile.memory.budget), head))
     return out
 
 
@@ -145,7 +169,12 @@ def choose(candidates: list[Candidate], dtype_order: list[str]) -> Candidate | N
     feasible = [c for c in candidates if c.check.ok and not math.isinf(c.quality)]
     if not feasible:
         return None
-    return min(feasible, key=lambda c: (round(c.quality, 6), dtype_order.index(c.dtype), c.sparsity, c.drop_layers))
+    return min(feasible, key=lambda c: (round(c.quality, 6), dtype_order.index(c.dtype), c.head or "", c.sparsity, c.drop_layers))
+
+
+def best(candidates: list[Candidate], dtype_order: list[str], dense: bool) -> Candidate | None:
+    """The best feasible dense (or pruned) candidate by the quality proxy."""
+    return choose([c for c in candidates if (c.plan is None) == dense], dtype_order)
 
 
 def to_evaluate(candidates: list[Candidate]) -> list[tuple[float, int]]:
@@ -155,7 +184,7 @@ def to_evaluate(candidates: list[Candidate]) -> list[tuple[float, int]]:
     by_group: dict[tuple[int, str], list[Candidate]] = {}
     for c in candidates:
         if c.check.ok:
-            by_group.setdefault((c.drop_layers, c.dtype), []).append(c)
+            by_group.setdefault((c.drop_layers, c.mix), []).append(c)
     for group in by_group.values():
         keys.add(min(group, key=lambda c: c.sparsity).key)
     for c in candidates:
@@ -172,7 +201,7 @@ def closest_miss(candidates: list[Candidate]) -> tuple[Candidate, list[str]]:
         checks = [ch for c in candidates for ch in c.check.checks if ch.name == name]
         top = max(checks, key=lambda ch: ch.margin)
         if not top.ok:
-            reach.append(f"{name}: the best candidate reaches {latency._fmt(name, top.value)} (limit {latency._fmt(name, top.limit)})")
+            reach.append(f"{name}: the best candidate reaches {latency.format_value(name, top.value)} (limit {latency.format_value(name, top.limit)})")
     return best, reach
 
 

@@ -1,6 +1,7 @@
 """A tiny random Llama and a real byte-level BPE tokenizer, built offline in about a second.
 
-Unit tests and synthetic latency models use these; integration tests use the real SmolLM2.
+Unit tests use these; integration tests use the real SmolLM2 (host measurement builds its own
+random models in edgeprune.hostperf.shapes).
 The tokenizer mirrors SmolLM2's layout (digits split, byte-level BPE, ChatML special tokens) so
 the GGUF writer's tokenizer path is exercised the same way, just with a small vocabulary.
 """

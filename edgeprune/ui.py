@@ -14,12 +14,24 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True, markup=False)  # results may contain [brackets]
 
 
+MAX_MESSAGE = 300  # an error is one readable line, whatever a library put into its message
+
+
+def one_line(msg, limit: int = MAX_MESSAGE) -> str:
+    text = " ".join(str(msg).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def info(msg: str) -> None:
     err.print(f"[dim]•[/dim] {escape(str(msg))}")
 
 
+def warn(msg: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {escape(one_line(msg))}")
+
+
 def error(msg: str, label: str = "error") -> None:
-    err.print(f"[red]{label}:[/red] {escape(str(msg))}")
+    err.print(f"[red]{label}:[/red] {escape(one_line(msg))}")
 
 
 def print_json(data) -> None:

@@ -63,41 +63,63 @@ def _public(path: Path, mode: int) -> None:
 
 @contextlib.contextmanager
 def atomic_file(final: Path):
-    """Yield a temporary path next to `final`; rename it into place only if the block succeeds."""
+    """Yield a temporary path next to `final`; rename it into place only if the block succeeds.
+
+    The temporary is registered with edgeprune.outputs, so a SIGTERM/SIGINT (or the next run,
+    after a SIGKILL) removes it."""
+    from edgeprune import outputs
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = outputs.temp_file(final)
     try:
         yield tmp
         _public(tmp, 0o666)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+        outputs.unregister(tmp)
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary directory next to `final`; swap it into place only if the block succeeds."""
+def atomic_dir(final: Path, kind: str = "output"):
+    """Yield a temporary directory next to `final`; swap it into place only if the block succeeds.
+
+    The result carries edgeprune's `.edgeprune` marker. An existing `final` is replaced only when
+    it is empty or edgeprune's own earlier output (a non-empty directory of the user's is never
+    deleted), and only after the new one is complete."""
+    from edgeprune import outputs
+    from edgeprune.errors import EdgepruneError
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
+    tmp = outputs.temp_dir(final)
+    old = None
     try:
         yield tmp
+        outputs.write_marker(tmp, kind)
         _public(tmp, 0o777)
         for child in tmp.rglob("*"):
             _public(child, 0o777 if child.is_dir() else 0o666)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+        if final.exists() or final.is_symlink():
+            if not final.is_dir():
+                raise EdgepruneError(f"{final} is a file: edgeprune writes a directory there and will not replace the file")
+            if any(final.iterdir()) and not outputs.is_edgeprune_output(final):
+                raise EdgepruneError(f"{final} exists and was not written by edgeprune: not replacing it")
+            old = outputs.register(Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{os.getpid()}.", suffix=".old.partial")))
+            os.replace(final, old / final.name)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        outputs.unregister(tmp)
+        if old is not None:
+            moved = old / final.name
+            if moved.exists() and not final.exists():  # interrupted between the two renames: put it back
+                os.replace(moved, final)
+            shutil.rmtree(old, ignore_errors=True)
+            outputs.unregister(old)
 
 
 def summarize(samples: list[float]) -> dict:

@@ -50,3 +50,11 @@ def run_cli(*args, timeout=900, env=None):
         [sys.executable, "-m", "edgeprune.cli", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` marks every test that runs the real SmolLM2 (its fixture or the `integration` marker),
+    so the edit loop can run `pytest -m "not slow"`; the README's command still runs everything."""
+    for item in items:
+        if "integration" in item.keywords or "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

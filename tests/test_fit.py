@@ -27,7 +27,9 @@ def tiny_dense_speed(tiny_dir):
 
     lm = load_model(str(tiny_dir))
     prof = load_profile("ci-cpu")
-    return latency.predict_for_profile(latency.ModelGeometry.from_model(lm.model), prof, "q8_0").decode_tok_s
+    # the fastest dense q8_0 mix fit tries (output projection in Q5_0): beating it needs pruning
+    return latency.predict_for_profile(latency.ModelGeometry.from_model(lm.model), prof, "q8_0", head_dtype="q5_0",
+                                       imatrix=True).decode_tok_s
 
 
 def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path):
@@ -38,19 +40,31 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
                 "--nsamples", "4", "--seqlen", "32", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["dense"]["q8_0"]["targets"]["ok"] is False
+    assert report["dense"]["q8_0"]["targets"]["ok"] is False and report["dense"]["q8_0-output-q5_0"]["targets"]["ok"] is False
     chosen = report["result"]["chosen"]
     assert chosen["targets"]["ok"] and (chosen["sparsity"] > 0 or chosen["drop_layers"] > 0)
     assert chosen["prediction"]["decode_tok_s"] >= tiny_dense_speed * 1.03
     art = report["result"]["artifacts"]["gguf"]
-    assert (out / "model.q8_0.gguf").is_file() and art["bench"]["decode_tok_s"]["median"] > 0
+    assert art["path"] == str(out / f"model.{chosen['mix']}.gguf") and (out / f"model.{chosen['mix']}.gguf").is_file()
+    assert art["bench"]["decode_tok_s"]["median"] > 0
+    # made by llama.cpp's quantizer with edgeprune's importance matrix, also written for llama-quantize
+    assert (out / "imatrix.gguf").is_file() and report["result"]["imatrix"]["tokens"] == 4 * 32
+    assert set(art["export"]["type_counts"]) <= {"q8_0", "q5_0", "f32", "f16"}
+    # what ships is scored through llama.cpp beside the dense baselines, with greedy answers
+    q = report["quality"]["artifacts"]
+    assert {"dense q8_0 (llama.cpp default)", "dense q4_0 (llama.cpp default)"} <= set(q)
+    shipped_row = q[f"shipped: {chosen['label']}"]
+    assert shipped_row["excerpt"]["ppl"] > 1 and 0 <= shipped_row["excerpt"]["top1_vs_dense"] <= 1
+    assert len(shipped_row["answers"]) == 20 and shipped_row["factual_prompts"] == 17
+    assert len(report["finalists"]) == 2  # the best pruned candidate and the best dense mix, both through llama.cpp
     assert art["export"]["verification"]["top1_agreement"] > 0.5
     # measured with the thread count the host profile's prediction assumes (ci-cpu: 1)
     assert art["bench"]["threads"] == load_profile("ci-cpu").hardware.threads
     assert art["host_prediction"]["profile"] == "ci-cpu" and art["host_prediction"]["decode_tok_s"] > 0
     for name in ("report.md", "frontier.png", "model/widths.png", "model/plan.json"):
         assert (out / name).is_file(), name
-    assert "Chosen" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Chosen" in md and "Quality of what ships, through the runtime" in md
     rec = report["recovery"]  # held-out KL decides which recovery (if any) is kept
     assert set(rec["tried"]) == {"none", "lstsq", "bias"} and rec["kept"] == min(rec["tried"], key=rec["tried"].get)
     plan = json.loads((out / "model" / "plan.json").read_text())
@@ -66,6 +80,19 @@ def test_fit_impossible_target_exits_3(tiny_dir, tmp_path):
     assert "decode_tok_s" in r.stderr and "Closest" in r.stderr and "Traceback" not in r.stderr
     assert json.loads((out / "report.json").read_text())["result"]["ok"] is False
     assert not (out / "model").exists()
+
+
+def test_fit_quality_floor_exits_3_naming_it(tiny_dir, tiny_dense_speed, tmp_path):
+    prof = _profile_with(tmp_path, "tight", decode_tok_s_min=tiny_dense_speed * 1.03, ttft_max_s=None, memory_max=None)
+    out = tmp_path / "fit"
+    r = run_cli("fit", "--profile", prof, "--model", tiny_dir, "--out", out, "--formats", "gguf", "--dtype", "q8_0",
+                "--nsamples", "4", "--seqlen", "32", "--max-quality-loss", "kl:0.0000001", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "--max-quality-loss kl:0.0000001" in r.stderr and "Traceback" not in r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["result"]["ok"] is False and all(not f["within_floor"] for f in report["finalists"])
+    r = run_cli("fit", "--profile", prof, "--model", tiny_dir, "--out", tmp_path / "y", "--max-quality-loss", "0.9x")
+    assert r.returncode == 2 and "--max-quality-loss takes" in r.stderr
 
 
 def test_fit_bad_inputs(tiny_dir, tmp_path):

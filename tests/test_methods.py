@@ -10,17 +10,11 @@ from edgeprune import arch
 from edgeprune.calibrate import calibrate
 from edgeprune.checkpoint import load_pruned, save_pruned
 from edgeprune.errors import EdgepruneError
-from edgeprune.methods import (
-    condition_keep,
-    condition_scores,
-    flap_channel_scores,
-    kv_group_params,
-    make_method_plan,
-    resolve_options,
-    with_recovery,
-)
+from edgeprune.budget import kv_group_params
+from edgeprune.condition import condition_keep, condition_scores
+from edgeprune.methods import flap_channel_scores
 from edgeprune.plan import base_description
-from edgeprune.prune import make_plan, pruned_copy
+from edgeprune.prune import make_plan, pruned_copy, resolve_options, with_recovery
 from edgeprune.recover import LoRALinear, lora_ranks, lstsq_solution, mask_solution, recover
 from edgeprune.testing import tiny_llama
 from tests.conftest import run_cli
@@ -84,7 +78,7 @@ def _assert_each_pruned_layer_improves(model, recovered, plan, ids, with_bias):
 
 def test_flap_bias_compensation_brings_output_closer_to_dense(setup):
     model, _, ids, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.5, method="flap")
+    plan = make_plan(model, stats, base, 0.5, method="flap")
     assert plan.method["method"] == "flap" and plan.method["recover"] == "bias" and plan.method["target"] == "linear"
     assert any(lp.ffn_bias for lp in plan.layers)
     assert all(lp.ffn_bias == (len(lp.ffn_keep) < 256) for lp in plan.layers)
@@ -99,7 +93,7 @@ def test_flap_bias_compensation_brings_output_closer_to_dense(setup):
 
 def test_flap_compensates_pruned_heads_on_o_proj(setup):
     model, _, ids, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.7, method="flap")
+    plan = make_plan(model, stats, base, 0.7, method="flap")
     pruned_heads = [pos for pos, lp in enumerate(plan.layers) if len(lp.kv_keep) < 2]
     assert pruned_heads, "at 70% FLAP should remove some KV groups of the tiny model"
     pruned = pruned_copy(model, plan)
@@ -113,7 +107,7 @@ def test_flap_compensates_pruned_heads_on_o_proj(setup):
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.7])
 def test_flap_global_allocation_meets_budget_and_keeps_groups_whole(setup, p):
     model, _, _, stats, base = setup
-    plan = make_method_plan(model, stats, base, p, method="flap", align=32)
+    plan = make_plan(model, stats, base, p, method="flap", align=32)
     assert plan.achieved["linear_sparsity"] == pytest.approx(p, abs=0.01)  # 16 channels x 3d of slack at most
     assert all(w % 32 == 0 and 32 <= w <= 256 for w in plan.widths())
     assert plan.layers[0].kv_keep == [0, 1]  # layer 0 keeps its attention
@@ -135,7 +129,7 @@ def test_flap_unit_weights_come_from_shapes(setup):
 def test_flap_ranking_is_global(setup):
     """With align 1 and no head pruning, each layer keeps its channels above one global threshold (±1 from rounding)."""
     model, _, _, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.4, method="flap", heads=False, align=1, min_keep=0.01)
+    plan = make_plan(model, stats, base, 0.4, method="flap", heads=False, align=1, min_keep=0.01)
     scores = {lp.index: flap_channel_scores(model.model.layers[lp.index], stats.blocks[lp.index])[0] for lp in plan.layers}
     allscores = torch.cat(list(scores.values())).sort(descending=True).values
     t = allscores[sum(plan.widths()) - 1]
@@ -148,7 +142,7 @@ def test_flap_ranking_is_global(setup):
 # ------------------------------------------------------------------------------------------ FASP
 def test_fasp_restoration_beats_plain_removal(setup):
     model, _, ids, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.4, method="fasp", heads=True)
+    plan = make_plan(model, stats, base, 0.4, method="fasp", heads=True)
     assert plan.method["recover"] == "lstsq" and plan.method["score"] == "wanda-sp"
     assert len(set(plan.widths())) <= 2  # the same ratio in every layer (up to alignment)
     assert any(len(lp.kv_keep) < 2 for lp in plan.layers[1:])
@@ -192,7 +186,7 @@ def test_lstsq_is_the_least_squares_solution(setup):
 # ------------------------------------------------------------------------------------------ COMP
 def test_comp_mask_tuning_lowers_error_and_caps_scales(setup):
     model, _, ids, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.5, method="comp")
+    plan = make_plan(model, stats, base, 0.5, method="comp")
     assert plan.method["recover"] == "mask" and plan.method["score"] == "condition" and len(plan.dropped_layers) == 1
     assert not any(lp.ffn_bias for lp in plan.layers)  # scales fold into down_proj: no bias
     tuned = pruned_copy(model, plan)
@@ -247,34 +241,34 @@ def test_condition_greedy_removes_one_of_a_duplicated_pair():
 
 def test_comp_condition_score_differs_from_activation(setup):
     model, _, _, stats, base = setup
-    cond = make_method_plan(model, stats, base, 0.5, method="comp", drop_layers=0, recover="none")
-    act = make_method_plan(model, stats, base, 0.5, method="comp", drop_layers=0, recover="none", score="activation")
+    cond = make_plan(model, stats, base, 0.5, method="comp", drop_layers=0, recover="none")
+    act = make_plan(model, stats, base, 0.5, method="comp", drop_layers=0, recover="none", score="activation")
     assert cond.widths() == act.widths()
     assert any(a.ffn_keep != b.ffn_keep for a, b in zip(cond.layers, act.layers))
 
 
 # ----------------------------------------------------------------------------------- heads, plans
-def test_cfsp_without_heads_is_the_core_plan(setup):
+def test_cfsp_default_plan_keeps_attention_and_needs_no_recovery(setup):
     model, _, _, stats, base = setup
-    core = make_plan(model, stats, base, 0.4, drop_layers=1)
-    ours = make_method_plan(model, stats, base, 0.4, method="cfsp", drop_layers=1)
-    assert [(lp.index, lp.ffn_keep, lp.kv_keep) for lp in core.layers] == [(lp.index, lp.ffn_keep, lp.kv_keep) for lp in ours.layers]
+    ours = make_plan(model, stats, base, 0.4, method="cfsp", drop_layers=1)
+    assert all(lp.kv_keep == list(range(model.config.num_key_value_heads)) for lp in ours.layers)
+    assert len(ours.dropped_layers) == 1
     assert ours.method["recover"] == "none" and not any(lp.ffn_bias or lp.attn_out_bias for lp in ours.layers)
 
 
 @pytest.mark.parametrize("method", ["cfsp", "uniform", "fasp"])
 def test_heads_option_prunes_kv_groups_within_budget(setup, method):
     model, _, _, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.4, method=method, heads=True, target="linear", recover="none")
+    plan = make_plan(model, stats, base, 0.4, method=method, heads=True, target="linear", recover="none")
     assert plan.achieved["linear_sparsity"] == pytest.approx(0.4, abs=0.01)
     assert plan.layers[0].kv_keep == [0, 1] and any(len(lp.kv_keep) == 1 for lp in plan.layers)
-    assert plan.to_json() == make_method_plan(model, stats, base, 0.4, method=method, heads=True, target="linear", recover="none").to_json()
+    assert plan.to_json() == make_plan(model, stats, base, 0.4, method=method, heads=True, target="linear", recover="none").to_json()
 
 
 # ------------------------------------------------------------------------------------------ LoRA
 def test_lora_lowers_calibration_loss_and_merges(setup):
     model, _, ids, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.5, method="cfsp", recover="lora",
+    plan = make_plan(model, stats, base, 0.5, method="cfsp", recover="lora",
                             recover_args={"lora_steps": 8, "lora_rank": 4, "lora_lr": 5e-3, "lora_batch": 4})
     pruned = pruned_copy(model, plan)
     shapes = arch.layer_shapes(pruned)
@@ -316,7 +310,7 @@ CONFIGS = [
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['method']}-{c.get('recover', 'native')}{'-heads' if c.get('heads') else ''}")
 def test_every_method_reloads_with_identical_logits(setup, tmp_path, cfg):
     model, tok, ids, stats, base = setup
-    plan = make_method_plan(model, stats, base, 0.5, **cfg)
+    plan = make_plan(model, stats, base, 0.5, **cfg)
     pruned = pruned_copy(model, plan)
     recover(pruned, model, plan, stats, ids)
     save_pruned(pruned, tok, plan, tmp_path)
@@ -358,12 +352,12 @@ def test_bad_plans(setup):
     model, _, ids, _, base = setup
     no_gram = calibrate(model, ids[:2])
     with pytest.raises(EdgepruneError, match="needs Gram"):
-        make_method_plan(model, no_gram, base, 0.3, method="comp")
-    plan = make_method_plan(model, no_gram, base, 0.3, method="fasp")
+        make_plan(model, no_gram, base, 0.3, method="comp")
+    plan = make_plan(model, no_gram, base, 0.3, method="fasp")
     with pytest.raises(EdgepruneError, match="needs Gram"):
         recover(pruned_copy(model, plan), model, plan, no_gram, ids)
     with pytest.raises(EdgepruneError, match="below the"):
-        make_method_plan(model, no_gram, base, 0.94, method="flap", min_keep=0.5)
+        make_plan(model, no_gram, base, 0.94, method="flap", min_keep=0.5)
 
 
 # ------------------------------------------------------------------------------------------- CLI

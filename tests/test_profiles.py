@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from edgeprune.profiles import (
     parse_ms,
     parse_seconds,
     profile_to_dict,
+    save_profile,
     write_profile,
 )
 
@@ -84,6 +86,10 @@ def test_write_then_load_round_trips(name, tmp_path):
     out = write_profile(p, tmp_path / f"{name}.toml")
     q = load_profile(out)
     assert profile_to_dict(q) == profile_to_dict(p)
+    # save_profile is the same writer; what it saves is resolved (stands alone, no extends)
+    saved = save_profile(p, tmp_path / "out" / f"{name}.toml")
+    assert "extends" not in saved.read_text()
+    assert replace(load_profile(saved), source="") == replace(p, source="")
 
 
 def test_writer_escapes_strings(tmp_path):
@@ -205,8 +211,9 @@ def test_negative_or_zero_numbers(old, new, needle):
 
 
 def test_unknown_dtype_in_export():
-    msg = _error(_mutated("rpi4", r'^dtypes = .*$', 'dtypes = ["q4_0", "q5_k"]'))
-    assert "unknown dtype 'q5_k'" in msg and "q4_k_m" in msg
+    # q5_k is now an alias of q5_k_m (edgeprune.dtypes), so the unknown name is q7_k
+    msg = _error(_mutated("rpi4", r'^dtypes = .*$', 'dtypes = ["q4_0", "q7_k"]'))
+    assert "unknown dtype 'q7_k'" in msg and "q4_k_m" in msg
 
 
 def test_unknown_dtype_in_compute_table():
@@ -277,3 +284,156 @@ def test_profiles_package_ships_the_toml_files():
 
     here = Path(pkg.__file__).parent
     assert {p.stem for p in here.glob("*.toml")} == set(list_profiles())
+
+
+# ---------------------------------------------------------------------------------------------
+# extends
+
+
+@pytest.mark.parametrize("name,ram,budget", [
+    ("raspberrypi5-4gb", 4_000_000_000, 1_200_000_000),
+    ("raspberrypi5-16gb", 16_000_000_000, 6_000_000_000),
+])
+def test_pi5_variants_resolve_to_the_values_they_had_as_full_files(name, ram, budget):
+    text = builtin_profile_text(name)
+    assert 'extends = "raspberrypi5"' in text
+    assert "[latency" not in text and "[export]" not in text, "variants change only what differs"
+    p = load_profile(name)
+    gb = ram // 10**9
+    assert p.name == name
+    assert p.hardware.description == (f"Raspberry Pi 5 Model B {gb} GB, BCM2712 4x Cortex-A76 @ 2.4 GHz, "
+                                      "LPDDR4X-4267 (17 GB/s peak), active cooler")
+    assert (p.hardware.ram, p.hardware.threads, p.hardware.isa) == (ram, 4, ("neon", "dotprod", "fp16"))
+    assert (p.memory.budget, p.memory.context, p.memory.runtime_overhead) == (budget, 2048, 40_000_000)
+    assert (p.targets.decode_tok_s_min, p.targets.ttft_max_s, p.targets.prompt_tokens) == (70.0, 2.0, 512)
+    assert p.targets.memory_max == budget and p.memory_limit == budget
+    c = p.latency
+    assert (c.backend, c.bandwidth_gbps, c.kv_dtype, c.prefill_logits) == ("llama.cpp", 8.7, "f16", "last")
+    assert (c.layer_overhead_ms, c.token_overhead_ms) == (0.1, 0.3)
+    assert (c.prefill_layer_token_overhead_ms, c.prefill_overhead_ms) == (0.01, 5.0)
+    assert c.compute_gops == {"q4_0": 150.0, "q8_0": 80.0, "q4_k_m": 150.0, "f16": 40.0, "f32": 20.0}
+    assert c.dtype_bandwidth_gbps == {}
+    assert (p.export.format, p.export.dtypes, p.export.width_multiple) == ("gguf", ("q8_0", "q4_0"), 32)
+    assert p.is_estimate("memory.budget") and p.is_estimate("latency.compute_gops.f16")
+    assert not p.is_estimate("latency.bandwidth_gbps")
+    # everything else is the 8 GB profile's
+    base, mine = profile_to_dict(load_profile("raspberrypi5")), profile_to_dict(p)
+    for d in (base, mine):
+        del d["name"], d["hardware"]["description"], d["hardware"]["ram"], d["memory"]["budget"]
+        del d["targets"]["memory_max"]
+    assert mine == base
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_tables_key_by_key(tmp_path):
+    _write(tmp_path / "boards", "base.toml", builtin_profile_text("rpi4").replace('name = "rpi4"', 'name = "base"'))
+    child = _write(tmp_path / "mine", "child.toml", """
+extends = "../boards/base.toml"
+[latency]
+bandwidth_gbps = "4.2GB/s"
+[latency.compute_gops]
+q4_0 = 30
+[export]
+dtypes = ["q8_0"]
+""")
+    base, p = load_profile("rpi4"), load_profile(child)
+    assert p.name == "child", "the base's name is not inherited"
+    assert p.latency.bandwidth_gbps == 4.2
+    assert p.latency.compute_gops == {**base.latency.compute_gops, "q4_0": 30.0}, "nested tables merge"
+    assert p.export.dtypes == ("q8_0",), "lists replace"
+    assert p.latency.layer_overhead_ms == base.latency.layer_overhead_ms
+    assert p.hardware == base.hardware and p.memory == base.memory and p.targets == base.targets
+
+
+def test_extends_a_shipped_name_from_anywhere(tmp_path):
+    path = _write(tmp_path, "pi.toml", 'extends = "raspberrypi5"\n[targets]\ndecode_tok_s_min = 50\n')
+    p = load_profile(path)
+    assert p.name == "pi" and p.targets.decode_tok_s_min == 50
+    assert p.latency == load_profile("raspberrypi5").latency
+
+
+def test_extends_chains(tmp_path):
+    _write(tmp_path, "a.toml", 'extends = "raspberrypi5-4gb"\n[memory]\nbudget = "1.5GB"\n')
+    p = load_profile(_write(tmp_path, "b.toml", 'extends = "a.toml"\n[memory]\ncontext = 1024\n'))
+    assert (p.hardware.ram, p.memory.budget, p.memory.context) == (4_000_000_000, 1_500_000_000, 1024)
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    _write(tmp_path, "a.toml", 'extends = "b.toml"\n')
+    b = _write(tmp_path, "b.toml", 'extends = "./a.toml"\n')
+    with pytest.raises(EdgepruneError) as info:
+        load_profile(b)
+    msg = str(info.value)
+    assert "cycle" in msg and "a.toml" in msg and "b.toml" in msg and "\n" not in msg
+    me = _write(tmp_path, "me.toml", 'extends = "me.toml"\n')
+    with pytest.raises(EdgepruneError, match="cycle"):
+        load_profile(me)
+
+
+def test_unknown_extends_names_the_file(tmp_path):
+    path = _write(tmp_path, "board.toml", 'extends = "raspberypi5"\n')
+    with pytest.raises(EdgepruneError) as info:
+        load_profile(path)
+    msg = str(info.value)
+    assert str(path) in msg and "unknown profile 'raspberypi5'" in msg and "did you mean 'raspberrypi5'" in msg
+    path = _write(tmp_path, "other.toml", 'extends = "./missing.toml"\n')
+    with pytest.raises(EdgepruneError) as info:
+        load_profile(path)
+    assert str(path) in str(info.value) and "file not found" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes of the format's menu
+
+
+def test_any_gguf_dtype_of_the_menu_may_be_exported():
+    p = loads_profile(_mutated("rpi4", r'^dtypes = .*$', 'dtypes = ["q4_0", "iq4_nl", "q5_1", "Q6_K", "f32"]'), "x.toml")
+    assert p.export.dtypes == ("q4_0", "iq4_nl", "q5_1", "q6_k", "f32")
+
+
+@pytest.mark.parametrize("old,new,where,right", [
+    (r'^dtypes = .*$', 'dtypes = ["q4_0", "int8"]', "[export] dtypes: 'int8'", "use 'q8_0'"),
+    (r'^q8_0 = .*$', "int4 = 28", "[latency.compute_gops] int4: 'int4'", "use 'q4_0'"),
+])
+def test_dtype_of_the_wrong_format_is_one_line_naming_the_right_choice(old, new, where, right):
+    msg = _error(_mutated("rpi4", old, new))
+    assert msg.startswith("profile test.toml: ")
+    assert where in msg and "onnx dtype" in msg and "cannot be exported as gguf" in msg and right in msg
+
+
+def test_missing_compute_rate_says_which_key_to_add():
+    msg = _error(_mutated("orangepi5", r'^dtypes = .*$', 'dtypes = ["q4_0", "f16"]'))
+    assert "add 'f16 = <GOPS>' to [latency.compute_gops]" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# saving, and what the shipped files cite
+
+
+def test_save_profile_writes_numpy_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    p = load_profile("ci-cpu")
+    p = replace(p, latency=replace(p.latency, bandwidth_gbps=np.float64(9.25)),
+                hardware=replace(p.hardware, threads=np.int64(2)))
+    q = load_profile(save_profile(p, tmp_path / "np.toml"))
+    assert q.latency.bandwidth_gbps == 9.25 and q.hardware.threads == 2
+
+
+_LOCAL = re.compile(r"/work\b|/home/|/tmp/|/Users/|shared/research|devices\.md|[A-Za-z]:\\\\|~/|--memory-max")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shipped_profiles_cite_public_sources_only(name):
+    text = builtin_profile_text(name)
+    assert not _LOCAL.search(text), _LOCAL.search(text)
+    p = load_profile(name)
+    listed = {s.split("]")[0] + "]" for s in p.provenance.sources if s.startswith("[S")}
+    cited = set(re.findall(r"\[(S\d+b?)[\] ,]", text)) | set(re.findall(r"\bS\d+b?(?=[\],])", text))
+    assert {f"[{t}]" for t in cited} <= listed, "every [S#] a profile cites is in its sources"
+    assert all(" -- " in s for s in p.provenance.sources if s.startswith("[S")), "each source says where to find it"

@@ -96,7 +96,7 @@ def test_plan_budget_and_determinism(setup):
     again = make_plan(model, stats, base, 0.5, align=32)
     assert plan.to_json() == again.to_json()
     assert json.loads(plan.to_json())["version"] == 1
-    uniform = make_plan(model, stats, base, 0.5, allocation="uniform", align=32)
+    uniform = make_plan(model, stats, base, 0.5, method="uniform", align=32)
     assert len(set(uniform.widths())) == 1
 
 
