@@ -509,6 +509,8 @@ def measure_host_cmd(
 
     if timing not in ("wall", "cpu"):
         raise EdgepruneError(f"--timing must be wall or cpu, got {timing}")
+    _int_at_least("--rounds", rounds, 1)
+    _int_at_least("--threads", threads, 1)
     with ui.progress() as bar:
         profile = measure_host(backend=backend, dtype=dtype, threads=threads, out=out, quick=quick, timing=timing,
                                rounds=rounds, record=record, progress=bar)

@@ -27,6 +27,7 @@ import gguf
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.exporters.gguf import write_and_close
 
 _IN_SUM2, _COUNTS = ".in_sum2", ".counts"
 _LINEARS = (("self_attn", "q_proj", "attn_q"), ("self_attn", "k_proj", "attn_k"), ("self_attn", "v_proj", "attn_v"),
@@ -117,12 +118,7 @@ def write_imatrix_gguf(path, imatrix: dict[str, np.ndarray], counts, dataset_nam
             raise EdgepruneError(f"imatrix entry '{name}' has no tokens behind it (count {count})")
         w.add_tensor(name + _IN_SUM2, (mean * count).astype(np.float32)[None, :])  # ggml [row, 1 matrix]
         w.add_tensor(name + _COUNTS, np.array([[count]], dtype=np.float32))
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+    write_and_close(w)
     return path
 
 

@@ -283,13 +283,18 @@ def write_gguf(model, tokenizer, path, arch: str, dtype: str, metadata: dict | N
         data, qtype = encode(name, arr, dtype)
         w.add_tensor(name, data, raw_dtype=qtype)
         n += 1
+    write_and_close(w)
+    return n
+
+
+def write_and_close(w: gguf.GGUFWriter) -> None:
+    """Header, key/values and tensors, in gguf-py's required order; the file is closed either way."""
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
     finally:
         w.close()
-    return n
 
 
 def _model_name(model) -> str:

@@ -20,6 +20,8 @@ from .units import (ValueProblem, choice, parse_bytes, parse_gbps, parse_gops, p
 
 SCHEMA_VERSION = 1
 
+MAX_CONTEXT = 1 << 24  # 16M tokens: far past any released model's context; 1e17 is a typo, not a board
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -289,6 +291,8 @@ def parse_profile(data: dict, where: str = "<memory>", default_name: str = "") -
             raise v.fail(f"[latency.compute_gops] has no rate for exported dtype '{d}': add '{d} = <GOPS>' to "
                          "[latency.compute_gops] (or drop it from [export] dtypes)") from None
     memory = MemorySpec(budget=mem["budget"], context=mem["context"], runtime_overhead=mem.get("runtime_overhead", 0))
+    if memory.context > MAX_CONTEXT:
+        raise v.fail(f"[memory] context = {memory.context} tokens is beyond any model edgeprune loads (at most {MAX_CONTEXT})")
     if memory.runtime_overhead >= memory.budget:
         raise v.fail(f"[memory] runtime_overhead ({memory.runtime_overhead / 1e6:g} MB) leaves nothing of the budget "
                      f"({memory.budget / 1e6:g} MB)")

@@ -13,6 +13,38 @@ _DATA_CANDIDATES = [Path(p) for p in (os.environ.get("EDGEPRUNE_SHARED_DATA"),) 
 SHARED_DATA = next((d for d in _DATA_CANDIDATES if (d / "wikitext2-test.raw").is_file()), _DATA_CANDIDATES[0])
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread, as llama.cpp runs in the GGUF tests (comparable, and kinder to 2 cores)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    import llama_cpp  # a hard dependency: a broken install fails here instead of skipping
+
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from edgeprune.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def windows(tok):
+    from edgeprune.exporters.common import verification_windows
+
+    return verification_windows(tok, seqlen=128, n=2)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer): a 4-layer random Llama with a real byte-level BPE tokenizer."""

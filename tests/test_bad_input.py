@@ -574,3 +574,21 @@ def test_sigterm_mid_onnx_export_leaves_nothing(env, tmp_path):
     assert err.strip().splitlines()[-1].startswith("interrupted (SIGTERM)")
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["measure-host", "--rounds", "0", "--quick"], "--rounds"),
+    (["measure-host", "--threads", "0", "--quick"], "--threads"),
+])
+def test_measure_host_values_checked_before_timing(tmp_path, capsys, argv, fragment):
+    code, out, err = invoke(capsys, *argv, "--out", str(tmp_path / "h.toml"))
+    assert code == 2 and fragment in assert_one_line(err)
+    assert not (tmp_path / "h.toml").exists()
+
+
+def test_profile_context_of_1e17_is_refused(tmp_path, capsys):
+    src = (Path(__file__).resolve().parents[1] / "profiles" / "ci-cpu.toml").read_text()
+    bad = tmp_path / "huge.toml"
+    bad.write_text(src.replace("context = ", "context = 100000000000000000 #", 1))
+    code, out, err = invoke(capsys, "profiles", "show", str(bad))
+    assert code == 2 and "context" in assert_one_line(err)

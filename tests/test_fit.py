@@ -10,7 +10,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.profiles import load_profile, write_profile
 from tests.conftest import run_cli
 
-pytest.importorskip("llama_cpp")
+import llama_cpp  # noqa: F401  (a hard dependency: a broken install fails, never skips)
 
 
 def _profile_with(tmp_path, name, **targets):

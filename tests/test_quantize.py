@@ -19,32 +19,12 @@ from edgeprune.exporters import llamacpp as L
 from edgeprune.exporters.common import verification_windows
 from edgeprune.exporters.llamacpp_quantize import quantize_gguf, read_tensor_types
 from edgeprune.imatrix import collect_imatrix, read_imatrix_gguf, write_imatrix_gguf
-from edgeprune.testing import slice_layers, tiny_llama, tiny_tokenizer
+from edgeprune.testing import slice_layers, tiny_llama
 
 THREADS = 1
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    return pytest.importorskip("llama_cpp")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def windows(tok):
-    return verification_windows(tok, seqlen=128, n=2)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixtures shared by the GGUF tests: conftest.py
 
 
 def narrow_model(tok):
