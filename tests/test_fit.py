@@ -56,7 +56,8 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
     shipped_row = q[f"shipped: {chosen['label']}"]
     assert shipped_row["excerpt"]["ppl"] > 1 and 0 <= shipped_row["excerpt"]["top1_vs_dense"] <= 1
     assert len(shipped_row["answers"]) == 20 and shipped_row["factual_prompts"] == 17
-    assert len(report["finalists"]) == 2  # the best pruned candidate and the best dense mix, both through llama.cpp
+    # no dense mix meets this target, so the best pruned candidate is the one finalist scored through llama.cpp
+    assert [f["label"] for f in report["finalists"]] == [chosen["label"]] and report["finalists"][0]["held_out_kl"] > 0
     assert art["export"]["verification"]["top1_agreement"] > 0.5
     # measured with the thread count the host profile's prediction assumes (ci-cpu: 1)
     assert art["bench"]["threads"] == load_profile("ci-cpu").hardware.threads
