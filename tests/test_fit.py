@@ -125,7 +125,7 @@ def test_check_gate_exit_codes(tiny_dir, tmp_path):
     assert slow.returncode == 1 and "FAIL" in slow.stdout
     same = run_cli("check", art, "--baseline", art, "--min-speedup", "100", "--repeats", "1", "--json")
     assert same.returncode == 1 and json.loads(same.stdout)["decode_speedup"] > 0
-    for args, msg in ((["--min-speedup", "1.3"], "needs --baseline"), (["--max-ms-per-token", "-1"], "must be positive")):
+    for args, msg in ((["--min-speedup", "1.3"], "needs --baseline"), (["--max-ms-per-token", "-1"], "must be a positive")):
         r = run_cli("check", art, *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     r = run_cli("check", tmp_path / "missing.gguf")
