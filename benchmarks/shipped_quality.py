@@ -7,7 +7,11 @@ WikiText-2 raw test (CRLF -> LF), llama.cpp logits (`logits_all=True`), perplexi
 and KL against the dense torch fp32 model. Prints a table and writes
 benchmarks/results/shipped_quality.json.
 
-    python benchmarks/shipped_quality.py --profiles raspberrypi5,rpi4,orangepi5 --windows 16
+    python benchmarks/shipped_quality.py --profiles raspberrypi5,raspberrypi5@80,orangepi5 --windows 16
+
+`NAME@X` runs profile NAME with `--min-tokens-per-s X` (a tighter target on the same board). The
+shipped profiles other than raspberrypi5 are sized for 1B-class models, so SmolLM2 meets them
+dense: fit then ships the best-quality dense mix, which is what this benchmark shows for them.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,9 +48,10 @@ def score(path, windows, refs) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--profiles", default="raspberrypi5,rpi4,orangepi5")
+    ap.add_argument("--profiles", default="raspberrypi5,raspberrypi5@80,orangepi5")
     ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "shipped_quality")
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "edgeprune-shipped-quality",
+                    help="where the fits write their artifacts (hundreds of MB; only the reports are kept in results/)")
     ap.add_argument("--reuse", action="store_true", help="read finished fits under --out instead of running them")
     args = ap.parse_args(argv)
 
@@ -64,12 +70,18 @@ def main(argv=None) -> int:
             record[f"dense_{d}"] = score(path, windows, refs)
             print(f"dense {d} (llama.cpp default): ppl {record[f'dense_{d}']['ppl']:.2f}", flush=True)
     for name in args.profiles.split(","):
-        out = args.out / name
+        profile, _, tok_s = name.partition("@")
+        out = args.out / name.replace("@", "-at-")
         t = time.perf_counter()
         if args.reuse:
             report = json.loads((out / "report.json").read_text())
         else:
-            report, _ = run_fit("smollm2-135m", name, out, log=lambda m: print(f"[{name}] {m}", flush=True))
+            report, _ = run_fit("smollm2-135m", profile, out, min_tok_s=float(tok_s) if tok_s else None,
+                                log=lambda m: print(f"[{name}] {m}", flush=True))
+        keep = HERE / "results" / "shipped_quality" / name.replace("@", "-at-")
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in ("report.json", "report.md", "frontier.png"):
+            shutil.copyfile(out / f, keep / f)
         res = report["result"]
         art = res["artifacts"]["gguf"]
         q = score(art["path"], windows, refs)

@@ -324,6 +324,8 @@ def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, 
         rows[f"shipped (ONNX {artifacts['onnx']['dtype']})"] = ("onnx", artifacts["onnx"]["path"])
     if fmt == "gguf":
         f32 = tmp / "dense.f32.gguf"
+        if not f32.exists():  # no quantized mix was feasible: the baselines still need the F32 source
+            export_artifact(lm.model, lm.tokenizer, "gguf", "f32", f32, verify=False)
         for d in DENSE_BASELINES:  # as llama.cpp users make them: no imatrix, llama.cpp's own mix
             path = tmp / f"baseline.{d}.gguf"
             quantize_gguf(f32, path, d, tied=bool(lm.model.config.tie_word_embeddings))

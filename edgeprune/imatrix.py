@@ -28,18 +28,16 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.exporters.gguf import write_and_close
+from edgeprune.families import LINEAR_ROLES, family_of
 
 _IN_SUM2, _COUNTS = ".in_sum2", ".counts"
-_LINEARS = (("self_attn", "q_proj", "attn_q"), ("self_attn", "k_proj", "attn_k"), ("self_attn", "v_proj", "attn_v"),
-            ("self_attn", "o_proj", "attn_output"), ("mlp", "gate_proj", "ffn_gate"), ("mlp", "up_proj", "ffn_up"),
-            ("mlp", "down_proj", "ffn_down"))
-
 
 def _linears(model):
     """(GGUF name, nn.Linear) of every weight llama.cpp quantizes with an imatrix."""
-    for i, layer in enumerate(model.model.layers):
-        for part, attr, role in _LINEARS:
-            lin = getattr(getattr(layer, part), attr)
+    fam = family_of(model)
+    for i, layer in enumerate(fam.layers(model)):
+        for role in LINEAR_ROLES:
+            lin = fam.linear(layer, role)
             if lin.in_features and lin.out_features:  # a head-less pruned layer has no attention tensors
                 yield f"blk.{i}.{role}.weight", lin
     head = model.get_output_embeddings()

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from edgeprune.families import FAMILIES
 from edgeprune.errors import EdgepruneError
 
 DEFAULT_MODEL = "smollm2-135m"
-SUPPORTED_MODEL_TYPES = ("llama",)
-SUPPORTED_GGUF_ARCHS = ("llama",)
+SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
+SUPPORTED_GGUF_ARCHS = tuple(a for f in FAMILIES for a in f.gguf_archs)
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -32,6 +32,7 @@ import gguf
 import numpy as np
 
 from edgeprune import dtypes
+from edgeprune.families import family_for_model_type, family_of
 from edgeprune.errors import EdgepruneError
 from edgeprune.exporters.common import atomic_file
 from edgeprune.exporters.gguf_tokenizer import write_tokenizer
@@ -83,7 +84,7 @@ def export_gguf(
     say = progress or (lambda msg: None)
     dtype = dtypes.normalize(dtype, "gguf")
     shapes = layer_shapes(model)
-    arch = choose_arch(shapes)
+    arch = choose_arch(shapes, family_of(model))
     check_shapes(model, shapes)
     quantized = dtype not in DIRECT_TYPES
     if overrides and not quantized:
@@ -137,9 +138,11 @@ def export_gguf(
     }
 
 
-def choose_arch(shapes) -> str:
-    """`llama` when one shape fits every layer (biases are fine there too), else `deci`."""
-    return "llama" if len({(s.n_heads, s.n_kv_heads, s.ffn) for s in shapes}) == 1 else "deci"
+def choose_arch(shapes, family=None) -> str:
+    """The family's uniform architecture (`llama`) when one shape fits every layer (biases are fine
+    there too), else its per-layer one (`deci` for Llama)."""
+    family = family or family_for_model_type("llama")
+    return family.gguf_arch(per_layer=len({(s.n_heads, s.n_kv_heads, s.ffn) for s in shapes}) > 1)
 
 
 def check_shapes(model, shapes) -> None:
@@ -226,25 +229,25 @@ def _head_dim(model) -> int:
 
 def gguf_tensors(model, shapes):
     """(GGUF name, fp32 array) for every tensor llama.cpp reads, in HF [out, in] layout."""
-    m = model.model
+    m, fam = model.model, family_of(model)
     yield "token_embd.weight", _np(m.embed_tokens.weight)
-    for i, (layer, s) in enumerate(zip(m.layers, shapes)):
-        attn, mlp, p = layer.self_attn, layer.mlp, f"blk.{i}."
+    for i, (layer, s) in enumerate(zip(fam.layers(model), shapes)):
+        p = f"blk.{i}."
+        roles = (("attn_q", s.n_heads), ("attn_k", s.n_kv_heads), ("attn_v", None), ("attn_output", None)) if s.n_heads else ()
         if s.n_heads:  # a head-less layer has no attention tensors at all in deci
-            yield p + "attn_norm.weight", _np(layer.input_layernorm.weight)
-            for part, lin, heads in (("attn_q", attn.q_proj, s.n_heads), ("attn_k", attn.k_proj, s.n_kv_heads), ("attn_v", attn.v_proj, None)):
-                for kind in ("weight", "bias"):
-                    t = getattr(lin, kind)
-                    if t is not None:
-                        yield f"{p}{part}.{kind}", rope_permute(_np(t), heads) if heads else _np(t)
-            yield p + "attn_output.weight", _np(attn.o_proj.weight)
-            if attn.o_proj.bias is not None:
-                yield p + "attn_output.bias", _np(attn.o_proj.bias)
-        yield p + "ffn_norm.weight", _np(layer.post_attention_layernorm.weight)
-        for part, lin in (("ffn_gate", mlp.gate_proj), ("ffn_up", mlp.up_proj), ("ffn_down", mlp.down_proj)):
-            yield f"{p}{part}.weight", _np(lin.weight)
+            yield p + "attn_norm.weight", _np(getattr(layer, fam.norms["attn_norm"]).weight)
+        for role, heads in roles:  # Q and K rows in llama.cpp's RoPE order, per layer's own head count
+            lin = fam.linear(layer, role)
+            for kind in ("weight", "bias"):
+                t = getattr(lin, kind)
+                if t is not None:
+                    yield f"{p}{role}.{kind}", rope_permute(_np(t), heads) if heads else _np(t)
+        yield p + "ffn_norm.weight", _np(getattr(layer, fam.norms["ffn_norm"]).weight)
+        for role in ("ffn_gate", "ffn_up", "ffn_down"):
+            lin = fam.linear(layer, role)
+            yield f"{p}{role}.weight", _np(lin.weight)
             if lin.bias is not None:
-                yield f"{p}{part}.bias", _np(lin.bias)
+                yield f"{p}{role}.bias", _np(lin.bias)
     yield "output_norm.weight", _np(m.norm.weight)
     if not _tied(model):  # tied: llama.cpp reuses token_embd as the output projection
         yield "output.weight", _np(model.lm_head.weight)

@@ -129,4 +129,4 @@ def test_check_gate_exit_codes(tiny_dir, tmp_path):
         r = run_cli("check", art, *args)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     r = run_cli("check", tmp_path / "missing.gguf")
-    assert r.returncode == 2 and "not found" in r.stderr
+    assert r.returncode == 2 and "no such file" in r.stderr

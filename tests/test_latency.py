@@ -192,7 +192,7 @@ def test_raspberrypi5_dense_smollm2_fails_and_pruned_passes(smol):
     or 70% in q8_0 (70.4) crosses it. The 30 MB tied embedding and the fixed overheads do not
     shrink, which is why pruning a 135M model buys less than its parameter share."""
     prof = load_profile("raspberrypi5")
-    assert prof.export.dtypes == ("q8_0", "q4_0")
+    assert prof.export.dtypes[0] == "q8_0" and prof.export.dtypes[-1] == "q4_0"
     for dtype, speed in (("q8_0", 47.4), ("q4_0", 66.7)):
         pred, check = check_profile(smol, prof, dtype)
         assert not check.ok
@@ -291,3 +291,15 @@ def test_dtype_bandwidth_round_trips(tmp_path):
     p = replace(p, latency=lat)
     q = load_profile(write_profile(p, tmp_path / "x.toml"))
     assert q.latency.bandwidth_for("q4_0") == 8.4 and q.latency.bandwidth_for("q8_0") == p.latency.bandwidth_gbps
+
+
+def test_output_override_is_counted_and_fit_tries_it(smol):
+    from edgeprune import search
+
+    plain, small = byte_counts(smol, "q4_0"), byte_counts(smol, "q4_0", head_dtype="q5_0")
+    assert plain.head == EMB * 34 / 32 and small.head == EMB * 22 / 32  # 576-wide rows: llama.cpp's Q6_K falls back to Q8_0
+    assert small.layers == plain.layers and small.read_per_token < plain.read_per_token
+    assert search.mixes(["q8_0", "q4_0"], "gguf") == [("q8_0", None), ("q8_0", "q5_0"), ("q4_0", None), ("q4_0", "q5_0")]
+    assert search.mixes(["fp32", "int8"], "onnx") == [("fp32", None), ("int8", None)]
+    # with an importance matrix llama.cpp gives the first n/8 ffn_down of q4_0 Q4_1 (edgeprune.mix)
+    assert byte_counts(smol, "q4_0", imatrix=True).storage["q4_1"] == 3

@@ -313,7 +313,7 @@ def test_pi5_variants_resolve_to_the_values_they_had_as_full_files(name, ram, bu
     assert (c.prefill_layer_token_overhead_ms, c.prefill_overhead_ms) == (0.01, 5.0)
     assert c.compute_gops == {"q4_0": 150.0, "q8_0": 80.0, "q4_k_m": 150.0, "f16": 40.0, "f32": 20.0}
     assert c.dtype_bandwidth_gbps == {}
-    assert (p.export.format, p.export.dtypes, p.export.width_multiple) == ("gguf", ("q8_0", "q4_0"), 32)
+    assert (p.export.format, p.export.dtypes, p.export.width_multiple) == ("gguf", ("q8_0", "q5_k_m", "q5_0", "q4_k_m", "iq4_nl", "q4_0"), 32)
     assert p.is_estimate("memory.budget") and p.is_estimate("latency.compute_gops.f16")
     assert not p.is_estimate("latency.bandwidth_gbps")
     # everything else is the 8 GB profile's
