@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from edgeprune import arch
 from edgeprune.errors import EdgepruneError
+from edgeprune.model_files import LoadedModel, check_safetensors, dir_fingerprint, first_line, save_hf
 from edgeprune.plan import PrunePlan
 
 REMOTE_CODE = "modeling_edgeprune.py"
@@ -32,7 +33,6 @@ REMOTE_CODE = "modeling_edgeprune.py"
 
 def save_pruned(model, tokenizer, plan: PrunePlan, out: Path) -> None:
     """Write a checkpoint into `out` (callers make `out` a temporary dir and rename it when done)."""
-    from edgeprune.models import save_hf
 
     out = Path(out)
     shapes = [s.to_dict() for s in arch.layer_shapes(model)]
@@ -47,7 +47,6 @@ def save_pruned(model, tokenizer, plan: PrunePlan, out: Path) -> None:
 def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, spec: str | None = None):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from edgeprune.models import LoadedModel, _dir_fingerprint, _first_line, check_safetensors
 
     path = Path(path)
     plan = PrunePlan.load(path / "plan.json")
@@ -73,11 +72,11 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
         for layer, shape in zip(arch.layers(model), shapes):
             arch.resize_layer(layer, shape, hd)
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
-        raise EdgepruneError(f"{path}/config.json does not describe a model edgeprune can build: {_first_line(exc)}") from None
+        raise EdgepruneError(f"{path}/config.json does not describe a model edgeprune can build: {first_line(exc)}") from None
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors' own error type is not importable by a stable name
-        raise EdgepruneError(f"{weights} cannot be read ({_first_line(exc)}): re-create the checkpoint") from None
+        raise EdgepruneError(f"{weights} cannot be read ({first_line(exc)}): re-create the checkpoint") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
@@ -88,5 +87,5 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise EdgepruneError(f"cannot load the tokenizer in {path}: {_first_line(exc)}") from None
-    return LoadedModel(model, tokenizer, spec or str(path), str(path.resolve()), _dir_fingerprint(path), plan=plan)
+        raise EdgepruneError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from None
+    return LoadedModel(model, tokenizer, spec or str(path), str(path.resolve()), dir_fingerprint(path), plan=plan)

@@ -309,8 +309,10 @@ def prune(
 def export(
     model: str = typer.Argument(..., help="a pruned checkpoint directory (or any model edgeprune loads)"),
     fmt: str = typer.Option(..., "--format", help="gguf (llama.cpp) or onnx (onnxruntime)"),
-    dtype: str = typer.Option("f32", "--dtype", help="gguf: f32 f16 q8_0 q4_0 q4_k_m q5_k_m q6_k; onnx: fp32 int8 int4"),
+    dtype: str = typer.Option("f32", "--dtype", help="gguf: f32 f16 q8_0 q6_k q5_k_m q5_1 q5_0 q4_k_m q4_1 q4_0 iq4_nl q3_k_m (made by llama.cpp's quantizer); onnx: fp32 int8 int4"),
     out: Path = typer.Option(..., "--out", help="output .gguf file or ONNX directory (written only after verification)"),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="gguf: an importance matrix (llama.cpp imatrix GGUF, e.g. fit's out/imatrix.gguf); 'calibrate' collects one from self-generated text"),
+    output_type: Optional[str] = typer.Option(None, "--output-type", help="gguf: storage of the output projection (tied embedding), e.g. q5_0; default llama.cpp's rule"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="compare with the torch model before writing (default on)"),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -322,11 +324,30 @@ def export(
     if fmt not in dtypes.FORMATS:
         raise EdgepruneError(f"--format must be gguf or onnx, got {fmt}")
     dtype = dtypes.normalize(dtype, fmt)
+    if (imatrix is not None or output_type is not None) and not (fmt == "gguf" and dtypes.get(dtype, fmt).quantized):
+        raise EdgepruneError("--imatrix and --output-type apply to quantized GGUF dtypes (q8_0 ... q3_k_m)")
+    if output_type is not None:
+        from edgeprune.mix import storage_name
+
+        output_type = storage_name(output_type)
+    if imatrix is not None and str(imatrix) != "calibrate" and not imatrix.is_file():
+        raise EdgepruneError(f"--imatrix {imatrix}: no such file (a llama.cpp imatrix GGUF, or 'calibrate')")
     _check_model(model)
     outputs.check_out(out, force, "file" if fmt == "gguf" else "dir", inputs=(model,))
     lm = _load(model, "cpu", "float32")
     t = time.perf_counter()
-    result = export_artifact(lm.model, lm.tokenizer, fmt, dtype, out, verify=verify)
+    imat = None
+    if imatrix is not None:
+        from edgeprune.imatrix import collect_imatrix, read_imatrix_gguf
+
+        if str(imatrix) == "calibrate":
+            from edgeprune.data import calibration_ids
+
+            ids, _, _ = calibration_ids(lm.model, lm.tokenizer, "self", 32, 128, 0, fingerprint=lm.fingerprint)
+            imat = collect_imatrix(lm.model, ids)
+        else:
+            imat = read_imatrix_gguf(imatrix).imatrix
+    result = export_artifact(lm.model, lm.tokenizer, fmt, dtype, out, verify=verify, imatrix=imat, head=output_type)
     result.setdefault("seconds_total", time.perf_counter() - t)
     if json_out:
         ui.print_json(result)

@@ -65,6 +65,7 @@ STORAGE = {s.name: s for s in (
     Storage("q2_k", 256, 84, fallback="q4_0"),
     Storage("int8", 32, 36),  # MatMulNBits 8-bit, block 32: 32 B + f32 scale
     Storage("int4", 32, 20),  # MatMulNBits 4-bit, block 32: 16 B + f32 scale
+    Storage("int4_b128", 128, 68),  # MatMulNBits 4-bit, block 128: 64 B + f32 scale
 )}
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # KV-cache element types
 
@@ -72,7 +73,7 @@ KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # KV-cach
 def storage_for_row(name: str, row: int) -> str:
     """The storage type llama.cpp really writes for a tensor of `name` whose rows have `row` weights."""
     st = STORAGE[name]
-    if row % st.block == 0:
+    if row % st.block == 0 or name.startswith("int"):  # onnxruntime's MatMulNBits pads the last block
         return name
     if st.fallback is None:
         return "f16" if st.block > 1 else name
@@ -82,7 +83,8 @@ def storage_for_row(name: str, row: int) -> str:
 
 def tensor_bytes(storage: str, rows: int, row: int) -> float:
     """Bytes of a [rows, row] tensor stored as `storage` (after the row-length fallback)."""
-    return rows * row * STORAGE[storage_for_row(storage, row)].bytes_per_weight
+    st = STORAGE[storage_for_row(storage, row)]
+    return rows * -(-row // st.block) * st.block_bytes
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,7 @@ EXPORT_DTYPES = {d.name: d for d in (
     ExportDtype("fp32", "onnx", "f32", "", "f32", "32-bit floats (exact)"),
     ExportDtype("int8", "onnx", "int8", "", "q8_0", "MatMulNBits 8-bit, block 32"),
     ExportDtype("int4", "onnx", "int4", "", "q4_0", "MatMulNBits 4-bit, block 32 (embedding too)"),
+    ExportDtype("int4_b128", "onnx", "int4_b128", "", "q4_0", "MatMulNBits 4-bit, block 128 (embedding too): fewer scales"),
 )}
 GGUF_DTYPES = tuple(n for n, d in EXPORT_DTYPES.items() if d.format == "gguf")
 ONNX_DTYPES = tuple(n for n, d in EXPORT_DTYPES.items() if d.format == "onnx")
@@ -167,7 +170,7 @@ def for_format(name: str, fmt: str) -> str:
 # A profile measures rates (prefill GOPS, decode GB/s) for the dtypes it was calibrated with; a
 # dtype it lacks borrows the rate of the nearest measured kernel family, and the prediction says so.
 RATE_LIKE = {"fp32": "f32", "q6_k": "q8_0", "q5_k_m": "q4_k_m", "q4_k_m": "q4_0", "q3_k_m": "q4_k_m",
-             "q5_1": "q5_0", "q5_0": "q4_0", "q4_1": "q4_0", "iq4_nl": "q4_0"}
+             "q5_1": "q5_0", "q5_0": "q4_0", "q4_1": "q4_0", "iq4_nl": "q4_0", "int4_b128": "int4"}
 
 
 def rate_keys(name: str) -> list[str]:

@@ -428,9 +428,9 @@ def _write_outputs(out: Path, report: dict, candidates, chosen, targets, profile
 
 
 def plot_frontier(candidates, chosen, targets, profile, path: Path) -> None:
-    from edgeprune.report import _plt
+    from edgeprune.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     scored = [c for c in candidates if not math.isinf(c.quality)]
     markers = {0: "o", 2: "s", 4: "^", 6: "D"}

@@ -150,7 +150,7 @@ def byte_counts(geometry: ModelGeometry, dtype: str, backend: str = "llama.cpp",
     head_st = dtypes.get(head_dtype).base if head_dtype else base
     head = _tensor_bytes(head_st, g.vocab, g.hidden)
     storage[head_st] = storage.get(head_st, 0) + 1
-    emb_st = "int4" if dtype == "int4" else "f32"
+    emb_st = base if base.startswith("int4") else "f32"  # int4 dtypes quantize the Gather table too
     shared = g.tied and dtype == "fp32" and head_dtype is None  # fp32 Gemm reads the table in place
     emb_stored = 0.0 if shared else _tensor_bytes(emb_st, g.vocab, g.hidden)
     return ByteCounts(layer_bytes, small, head, _tensor_bytes(emb_st, 1, g.hidden), emb_stored, kv, storage)

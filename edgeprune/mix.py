@@ -39,7 +39,7 @@ from edgeprune.errors import EdgepruneError
 
 ROLES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Storage types a GGUF tensor can take (the rest of dtypes.STORAGE are onnxruntime settings).
-GGUF_STORAGE = tuple(n for n in dtypes.STORAGE if n not in ("int8", "int4"))
+GGUF_STORAGE = tuple(n for n in dtypes.STORAGE if not n.startswith("int"))
 OVERRIDE_ALIASES = ("output", "token_embd")
 
 _NAME = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.weight$")

@@ -14,18 +14,17 @@ metadata), so the converted model is kept under the edgeprune cache keyed by the
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from edgeprune.families import FAMILIES
+from edgeprune.model_files import LoadedModel, check_safetensors, dir_fingerprint, first_line, save_hf, sha256_file
 from edgeprune.errors import EdgepruneError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -34,30 +33,11 @@ SUPPORTED_GGUF_ARCHS = tuple(a for f in FAMILIES for a in f.gguf_archs)
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: object
-    spec: str  # what the user typed
-    source: str  # resolved path or hub id
-    fingerprint: str  # sha256 of the source weights (file hash for GGUF, files for HF dirs)
-    plan: object | None = None  # PrunePlan when the model is an edgeprune checkpoint
-    info: dict = field(default_factory=dict)
-
-
 def cache_dir() -> Path:
     root = os.environ.get("EDGEPRUNE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edgeprune"
     )
     return Path(root)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_model_path() -> Path:
@@ -110,26 +90,6 @@ def check_architecture(config) -> None:
             f"unsupported architecture '{model_type}' ({archs}): edgeprune prunes Llama-family "
             f"decoders (model_type {', '.join(SUPPORTED_MODEL_TYPES)}: Llama, SmolLM2, TinyLlama, ...)"
         )
-
-
-def _save_tokenizer(tokenizer, out: Path) -> None:
-    # A tokenizer read from a GGUF names the GGUF as its vocab file; saving would copy the whole
-    # model file as tokenizer.model. tokenizer.json carries everything the fast tokenizer needs.
-    if getattr(tokenizer, "vocab_file", None):
-        tokenizer.vocab_file = None
-    tokenizer.save_pretrained(out)
-    (out / "tokenizer.model").unlink(missing_ok=True)
-
-
-def save_hf(model, tokenizer, out: Path) -> None:
-    """save_pretrained without the GGUF quantizer leftovers that make transformers refuse to save."""
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.save_pretrained(out, safe_serialization=True)
-    _save_tokenizer(tokenizer, out)
 
 
 def _gguf_field(reader, key: str):
@@ -203,46 +163,8 @@ def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:
     return target
 
 
-def _dir_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".json") and f.name != "report.json":
-            h.update(f.name.encode())
-            h.update(sha256_file(f).encode())
-    return h.hexdigest()
-
-
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def check_safetensors(path: Path) -> None:
-    """A safetensors file's header must parse and its tensors must lie inside the file (a truncated
-    or corrupt file fails here with one line, not deep inside the loader)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n <= 0 or 8 + n > size or n > 100 << 20:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-        end = 0
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, stop = info["data_offsets"]
-            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
-                raise ValueError("bad offsets")
-            end = max(end, stop)
-        if 8 + n + end > size:
-            raise ValueError("truncated")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise EdgepruneError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:60]}): "
-                             "it is truncated or corrupt; re-download or re-export it") from None
 
 
 def check_hf_dir(path: Path) -> dict:
@@ -273,11 +195,6 @@ def check_hf_dir(path: Path) -> dict:
     return config
 
 
-def _first_line(exc: Exception) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
-
-
 def _load_hf_dir(path: str, device: str, dtype: torch.dtype):
     """Never runs code from the directory: trust_remote_code=False everywhere, safetensors only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -286,16 +203,16 @@ def _load_hf_dir(path: str, device: str, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise EdgepruneError(f"cannot read a model config from {path}: {_first_line(exc)}") from None
+        raise EdgepruneError(f"cannot read a model config from {path}: {first_line(exc)}") from None
     check_architecture(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise EdgepruneError(f"cannot load the weights in {path}: {_first_line(exc)}") from None
+        raise EdgepruneError(f"cannot load the weights in {path}: {first_line(exc)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise EdgepruneError(f"cannot load the tokenizer in {path}: {_first_line(exc)}") from None
+        raise EdgepruneError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -365,7 +282,7 @@ def source_fingerprint(spec: str | None) -> str | None:
     spec = spec or DEFAULT_MODEL
     path = default_model_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
     if path.is_dir():
-        return _dir_fingerprint(path)
+        return dir_fingerprint(path)
     return sha256_file(path) if path.is_file() else None
 
 
@@ -410,7 +327,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
 
             return load_pruned(path, device=device, dtype=torch_dtype, spec=spec)
         model, tokenizer = _load_hf_dir(str(path), device, torch_dtype)
-        return LoadedModel(model, tokenizer, spec, str(path.resolve()), _dir_fingerprint(path))
+        return LoadedModel(model, tokenizer, spec, str(path.resolve()), dir_fingerprint(path))
     if path.is_file():
         arch = _check_gguf(path)
         digest = sha256_file(path)
@@ -426,4 +343,4 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         raise EdgepruneError(f"cannot fetch '{spec}' from the Hugging Face hub ({type(exc).__name__}); "
                              "offline? pass a local directory or .gguf file instead") from None
     model, tokenizer = _load_hf_dir(local, device, torch_dtype)
-    return LoadedModel(model, tokenizer, spec, spec, _dir_fingerprint(Path(local)))
+    return LoadedModel(model, tokenizer, spec, spec, dir_fingerprint(Path(local)))

@@ -24,7 +24,7 @@ def write_json(path: Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +35,7 @@ def _plt():
 
 def plot_widths(plan, stats, path: Path) -> None:
     """Per-layer FFN widths (bars; dropped layers marked) with block importance (line)."""
-    plt = _plt()
+    plt = pyplot()
     n = plan.base["num_layers"]
     widths = {lp.index: len(lp.ffn_keep) for lp in plan.layers}
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)

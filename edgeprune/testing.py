@@ -139,7 +139,7 @@ def slice_layers(model, plan: dict, drop=(), bias_std: float = 0.3, generator=No
 
 
 def save_tiny_llama(out: Path, **kwargs) -> Path:
-    from edgeprune.models import save_hf
+    from edgeprune.model_files import save_hf
 
     model, tokenizer = tiny_llama(**kwargs)
     out = Path(out)

@@ -25,6 +25,7 @@ into llama.cpp, compared with the torch model (exporters/llamacpp.py), and only 
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -292,6 +293,8 @@ def write_gguf(model, tokenizer, path, arch: str, dtype: str, metadata: dict | N
 
 def write_and_close(w: gguf.GGUFWriter) -> None:
     """Header, key/values and tensors, in gguf-py's required order; the file is closed either way."""
+    # gguf-py logs every file it writes at INFO; onnxruntime's quantizer turns root INFO logging on
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

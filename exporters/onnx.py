@@ -1,6 +1,6 @@
 """ONNX export for onnxruntime: one KV-cache decoder graph, verified against torch before it is kept.
 
-    export_onnx(model, tokenizer, out_dir, dtype="fp32" | "int8" | "int4") -> report dict
+    export_onnx(model, tokenizer, out_dir, dtype="fp32" | "int8" | "int4" | "int4_b128") -> report dict
     ort_logits_fn(dir), OnnxDecoder(dir), bench_onnx(dir)      (onnx_runtime.py, torch-free)
     python -m edgeprune.exporters.onnx bench DIR --threads 2   (one JSON line, clean RSS)
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprune import dtypes
 from edgeprune.errors import EdgepruneError, VerificationError
 from edgeprune.exporters.common import GREEDY_TOKENS, MIN_TOP1_EXACT, atomic_dir, torch_greedy
 from edgeprune.exporters.onnx_runtime import (  # noqa: F401  (public API of this module)
@@ -44,15 +45,18 @@ from edgeprune.exporters.onnx_runtime import (  # noqa: F401  (public API of thi
     read_sidecar,
 )
 
-DTYPES = ("fp32", "int8", "int4")
+DTYPES = dtypes.ONNX_DTYPES
+# Weight-only MatMulNBits settings per dtype (edgeprune.dtypes names them and their storage).
+# int4_b128 trades accuracy for bytes: one f32 scale per 128 weights (4.25 bpw) instead of per 32 (5).
 _QUANT = {
     "int8": {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 4, "embedding": False},
     "int4": {"bits": 4, "block_size": 32, "is_symmetric": True, "accuracy_level": 4, "embedding": True},
+    "int4_b128": {"bits": 4, "block_size": 128, "is_symmetric": True, "accuracy_level": 4, "embedding": True},
 }
 # Sanity floors for quantized artifacts: they catch a broken graph (a wrong kernel gave top-1 0.0),
 # not quantization loss. SmolLM2-135M measured top-1 0.97 (int8) and 0.65 (int4): its weights are
 # already dequantized Q4_1, and re-rounding to a symmetric 4-bit grid costs that much.
-MIN_TOP1_QUANT = {"int8": 0.85, "int4": 0.40}
+MIN_TOP1_QUANT = {"int8": 0.85, "int4": 0.40, "int4_b128": 0.35}
 KV_REL_TOL = 1e-5  # fp32 cached decode vs recompute: |Δlogit| <= KV_REL_TOL * max(10, max|logit|)
 GREEDY_PROMPT = 32  # tokens of the first verification window used as the greedy prompt
 KV_PREFILL = 16  # the KV check prefills this many tokens, then decodes one at a time
@@ -153,7 +157,7 @@ def _has_initializer_b(proto, node) -> bool:
 
 def _write_hf_files(model, tokenizer, tmp: Path) -> None:
     """config.json with the dense global sizes optimum expects, generation config and tokenizer."""
-    from edgeprune.models import _save_tokenizer  # handles the GGUF vocab_file pitfall
+    from edgeprune.model_files import save_tokenizer  # handles the GGUF vocab_file pitfall
 
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):  # left by transformers' GGUF loader
@@ -163,7 +167,7 @@ def _write_hf_files(model, tokenizer, tmp: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
-        _save_tokenizer(tokenizer, tmp)
+        save_tokenizer(tokenizer, tmp)
 
 
 def _report(model, infos, dtype: str, quant: dict, tmp: Path, export_s: float) -> dict:

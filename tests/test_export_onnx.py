@@ -232,3 +232,13 @@ def test_smollm2_fp32_export_and_generation(smollm2, tmp_path):
     ids = lm.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     text = lm.tokenizer.decode(OnnxDecoder(tmp_path / "onnx", threads=2).generate(ids, 8))
     assert "Paris" in text, text
+
+
+def test_int4_block_128_exports_verifies_and_is_smaller(tmp_path):
+    # rows of 256/512: whole 128-blocks (a 64-wide model would pad every row to 128 and grow)
+    model, tok = tiny_llama(hidden=256, layers=2, heads=4, kv_heads=2, ffn=512)
+    b32 = export_onnx(model, tok, tmp_path / "b32", dtype="int4")
+    b128 = export_onnx(model, tok, tmp_path / "b128", dtype="int4_b128")
+    assert b128["verification"]["passed"] and b128["quantization"]["block_size"] == 128
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
+    assert size(tmp_path / "b128") < size(tmp_path / "b32")

@@ -303,3 +303,10 @@ def test_output_override_is_counted_and_fit_tries_it(smol):
     assert search.mixes(["fp32", "int8"], "onnx") == [("fp32", None), ("int8", None)]
     # with an importance matrix llama.cpp gives the first n/8 ffn_down of q4_0 Q4_1 (edgeprune.mix)
     assert byte_counts(smol, "q4_0", imatrix=True).storage["q4_1"] == 3
+
+
+def test_onnx_int4_block_128_bytes_pad_the_last_block(smol):
+    # 576-wide rows are 4.5 blocks of 128: MatMulNBits stores 5 (64 B + f32 scale each)
+    b = byte_counts(smol, "int4_b128", backend="onnxruntime", kv_dtype="f32")
+    assert b.embedding_stored == 49152 * 5 * 68 and b.head == 49152 * 5 * 68
+    assert b.layers < byte_counts(smol, "int4", backend="onnxruntime", kv_dtype="f32").layers

@@ -242,3 +242,26 @@ def test_imatrix_lowers_quantization_error(llama_cpp, tok, tmp_path, dtype):
     assert data["plain"]["blk.0.attn_q.weight"] != data["imatrix"]["blk.0.attn_q.weight"]  # other blocks written
     assert data["plain"]["blk.0.attn_norm.weight"] == data["imatrix"]["blk.0.attn_norm.weight"]
     assert kl["imatrix"] < 0.9 * kl["plain"], kl
+
+
+def test_export_cli_takes_an_imatrix_file_and_an_output_type(tiny_dir, tmp_path):
+    """`edgeprune export --imatrix FILE --output-type q5_0`: the file fit writes (or llama.cpp's) is
+    used by llama.cpp's quantizer, and the output projection gets the asked type."""
+    from edgeprune.models import load_model
+    from tests.conftest import run_cli
+
+    lm = load_model(str(tiny_dir))
+    ids = torch.randint(0, lm.model.config.vocab_size, (4, 32))
+    imat = collect_imatrix(lm.model, ids)
+    write_imatrix_gguf(tmp_path / "imatrix.gguf", imat, int(ids.numel()), "random", 4, 32)
+    out = tmp_path / "m.gguf"
+    r = run_cli("export", tiny_dir, "--format", "gguf", "--dtype", "q8_0", "--imatrix", tmp_path / "imatrix.gguf",
+                "--output-type", "q5_0", "--out", out, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    types = read_tensor_types(out)
+    head = "token_embd.weight" if lm.model.config.tie_word_embeddings else "output.weight"
+    assert types[head][0] == "q5_0" and types["blk.0.attn_q.weight"][0] == "q8_0"
+    r = run_cli("export", tiny_dir, "--format", "gguf", "--dtype", "f16", "--output-type", "q5_0", "--out", tmp_path / "x.gguf")
+    assert r.returncode == 2 and "apply to quantized GGUF dtypes" in r.stderr
+    r = run_cli("export", tiny_dir, "--format", "gguf", "--dtype", "q4_0", "--imatrix", tmp_path / "nope.gguf", "--out", tmp_path / "y.gguf")
+    assert r.returncode == 2 and "no such file" in r.stderr
