@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edgeprune import latency
 from edgeprune.bench import bench_interleaved, paired_ratio
-from edgeprune.fit import export_artifact
+from edgeprune.artifacts import export_artifact
 from edgeprune.models import load_model
 from edgeprune.pipeline import base_of, calibration_pass
 from edgeprune.prune import make_plan, pruned_copy

@@ -319,7 +319,7 @@ def export(
 ):
     """Export to GGUF (llama.cpp) or ONNX (onnxruntime), verified against the torch model."""
     from edgeprune import dtypes, outputs
-    from edgeprune.fit import export_artifact
+    from edgeprune.artifacts import export_artifact
 
     if fmt not in dtypes.FORMATS:
         raise EdgepruneError(f"--format must be gguf or onnx, got {fmt}")

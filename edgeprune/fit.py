@@ -19,10 +19,23 @@ import time
 from pathlib import Path
 
 from edgeprune import dtypes, latency, search, shipped
+from edgeprune.artifacts import export_artifact, runtime_logits_fn
+from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
+from edgeprune.budget import achieved
+from edgeprune.calibrate import calibrate
+from edgeprune.data import calibration_ids
 from edgeprune.errors import EdgepruneError
 from edgeprune.exporters.common import atomic_file
+from edgeprune.exporters.llamacpp_quantize import quantize_gguf
+from edgeprune.fit_report import write_outputs
+from edgeprune.imatrix import collect_imatrix, write_imatrix_gguf
+from edgeprune.models import load_model
+from edgeprune.pipeline import base_of, prune_and_save
 from edgeprune.plan import LayerPlan, PrunePlan
-from edgeprune.report import run_header, write_json
+from edgeprune.profiles import load_profile, parse_bytes
+from edgeprune.prune import with_recovery
+from edgeprune.recover import needs
+from edgeprune.report import run_header
 
 # Baselines every report shows beside what ships: the dense model in these GGUF types exactly as
 # llama.cpp users make them (no importance matrix, llama.cpp's own mix).
@@ -49,41 +62,17 @@ def parse_quality_floor(text: str | None) -> tuple[str, float] | None:
     raise EdgepruneError(f"--max-quality-loss takes a perplexity ratio like 1.15x (>= 1) or a KL like kl:0.3 (> 0), got '{text}'")
 
 
-def export_artifact(model, tokenizer, fmt: str, dtype: str, out: Path, verify: bool = True, imatrix=None, head=None) -> dict:
-    if fmt == "gguf":
-        from edgeprune.exporters.gguf import export_gguf
-
-        return export_gguf(model, tokenizer, out, dtype=dtype, verify=verify, imatrix=imatrix, overrides=search.mix_overrides(head))
-    from edgeprune.exporters.onnx import export_onnx
-
-    return export_onnx(model, tokenizer, out, dtype=dtype, verify=verify)
-
-
-def runtime_logits_fn(fmt: str, path: Path, n_ctx: int):
-    if fmt == "gguf":
-        from edgeprune.exporters.llamacpp import llamacpp_logits_fn
-
-        return llamacpp_logits_fn(path, n_ctx=n_ctx)
-    from edgeprune.exporters.onnx import ort_logits_fn
-
-    return ort_logits_fn(path)
-
-
 def identity_plan(lm, base: dict, desc: dict) -> PrunePlan:
     """The dense model as a plan (fit's answer when the dense model already meets the targets)."""
     cfg = lm.model.config
     layers = [LayerPlan(i, list(range(cfg.intermediate_size)), list(range(cfg.num_key_value_heads)))
               for i in range(cfg.num_hidden_layers)]
     plan = PrunePlan(base=base, method={}, calibration=desc, layers=layers)
-    from edgeprune.budget import achieved
-
     plan.achieved = achieved(lm.model, plan)
     return plan
 
 
 def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
-    from edgeprune.profiles import parse_bytes
-
     changes = {}
     if min_tok_s is not None:
         if min_tok_s <= 0:
@@ -105,14 +94,6 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
             formats=("gguf", "onnx"), nsamples=32, seqlen=128, heldout=8, seed=0, threads=None,
             host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias", progress=None, log=print,
             max_quality_loss=None, prompts=True) -> tuple[dict, int]:
-    from edgeprune.calibrate import calibrate
-    from edgeprune.data import calibration_ids
-    from edgeprune.imatrix import collect_imatrix, write_imatrix_gguf
-    from edgeprune.models import load_model
-    from edgeprune.pipeline import base_of
-    from edgeprune.profiles import load_profile
-    from edgeprune.recover import needs
-
     t_start = time.perf_counter()
     timings = {}
     step = (lambda label: (lambda i, n: progress(label, i, n))) if progress else (lambda label: None)
@@ -281,8 +262,6 @@ def _dense_mixes(lm, fmt, mixes, imatrix, dense_lp, held, seqlen, tmp: Path, log
             continue
         path = tmp / f"dense.{search.mix_label(d, head)}.{fmt}"
         if fmt == "gguf":
-            from edgeprune.exporters.llamacpp_quantize import quantize_gguf
-
             if f32 is None:
                 f32 = tmp / "dense.f32.gguf"
                 export_artifact(lm.model, lm.tokenizer, "gguf", "f32", f32, verify=False)
@@ -314,8 +293,6 @@ def _ship(model, tokenizer, chosen, fmt, formats, imatrix, out: Path, log) -> di
 
 def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, dense_text_ppl, dense_imatrix, tmp, prompts, log) -> dict:
     """What ships beside the dense baselines, all through their runtimes on the same held-out text."""
-    from edgeprune.exporters.llamacpp_quantize import quantize_gguf
-
     prompt_set = shipped.load_prompts() if prompts else None
     rows = {}
     if "gguf" in artifacts:
@@ -349,8 +326,6 @@ def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, 
 
 
 def _bench(artifacts, dense_path, fmt, chosen, plan, host, threads, rounds, repeats, log) -> None:
-    from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
-
     # the host prediction is for the thread count its constants were measured with: bench with it
     bench_threads = threads or (host.hardware.threads if host is not None else None)
     for f, art in artifacts.items():
@@ -378,16 +353,13 @@ def _bench(artifacts, dense_path, fmt, chosen, plan, host, threads, rounds, repe
 def _finish(out: Path, report: dict, timings: dict, t_start: float, candidates, chosen, targets, profile) -> None:
     timings["total_s"] = time.perf_counter() - t_start
     report["timings"] = timings
-    _write_outputs(out, report, candidates, chosen, targets, profile)
+    write_outputs(out, report, candidates, chosen, targets, profile)
 
 
 def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log):
     """Prune the chosen plan, trying each recovery in `recoveries` (["lstsq", "bias"]): keep the one with the
     lowest held-out KL, or none. Closed-form recovery can overfit a small calibration set (lstsq
     wants ~10x the FFN width in tokens), so held-out text decides, not the calibration fit."""
-    from edgeprune.prune import with_recovery
-    from edgeprune.pipeline import prune_and_save
-
     if chosen.plan is None:
         pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=identity_plan(lm, base, desc),
                                          report={"from": "edgeprune fit"}, inplace=True)
@@ -413,125 +385,3 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
                                          inplace=True)
     log(f"kept recovery: {best}")
     return pruned, plan
-
-
-def _write_outputs(out: Path, report: dict, candidates, chosen, targets, profile) -> None:
-    from edgeprune.exporters.common import atomic_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out / "report.json") as tmp:
-        write_json(tmp, report)
-    with atomic_file(out / "report.md") as tmp:
-        tmp.write_text(markdown(report))
-    with atomic_file(out / "frontier.png") as tmp:
-        plot_frontier(candidates, chosen, targets, profile, tmp)
-
-
-def plot_frontier(candidates, chosen, targets, profile, path: Path) -> None:
-    from edgeprune.report import pyplot
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    scored = [c for c in candidates if not math.isinf(c.quality)]
-    markers = {0: "o", 2: "s", 4: "^", 6: "D"}
-    colors = {}
-    for c in scored:
-        color = colors.setdefault(c.mix, f"C{len(colors)}")
-        ax.scatter(c.prediction.decode_tok_s, max(c.quality, 1e-5), marker=markers.get(c.drop_layers, "o"), color=color,
-                   edgecolors="black" if c.check.ok else "none", s=36, alpha=0.9 if c.check.ok else 0.45)
-    for dt, color in colors.items():
-        ax.scatter([], [], color=color, label=dt)
-    for drop, m in markers.items():
-        ax.scatter([], [], marker=m, color="grey", label=f"-{drop} layers")
-    if targets.decode_tok_s_min:
-        ax.axvline(targets.decode_tok_s_min, color="red", ls="--", lw=1, label=f"target {targets.decode_tok_s_min:g} tok/s")
-    if not scored:  # nothing was scored: show where every candidate lands on the latency axis
-        ax.scatter([c.prediction.decode_tok_s for c in candidates], [1.0] * len(candidates), marker="|", s=200, color="grey",
-                   label="candidates (not scored)")
-        ax.text(0.5, 0.6, "no candidate meets the targets", transform=ax.transAxes, ha="center", color="red")
-    if chosen is not None:
-        ax.scatter(chosen.prediction.decode_tok_s, max(chosen.quality, 1e-5), marker="*", s=320, color="gold",
-                   edgecolors="black", zorder=5, label=f"chosen: {chosen.label}")
-    if scored:
-        ax.set_yscale("log")
-    ax.set_xlabel(f"predicted decode tokens/s on {profile.name}")
-    ax.set_ylabel("quality loss: KL(dense || candidate), nats/token")
-    ax.set_title(f"edgeprune fit --profile {profile.name}: quality-latency frontier (black edge = meets all targets)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-
-
-def markdown(report: dict) -> str:
-    from edgeprune.bench import median
-
-    lines = [f"# edgeprune fit --profile {report['profile']['name']}", ""]
-    t = report["profile"]["targets"]
-    lines.append(f"Targets: decode >= {t.get('decode_tok_s_min')} tok/s, TTFT <= {t.get('ttft_max_s')} s for a "
-                 f"{t.get('prompt_tokens')}-token prompt, memory <= {t.get('memory_max')} B.")
-    lines.append("")
-    lines.append("| candidate | predicted decode tok/s | predicted TTFT s | memory MB | targets | KL structure | KL quant |")
-    lines.append("|---|---|---|---|---|---|---|")
-    for c in report.get("candidates", []):
-        if c["quality_kl"] is None and not c["targets"]["ok"]:
-            continue
-        p = c["prediction"]
-        lines.append(f"| {c['label']} | {p['decode_tok_s']:.1f} | {p['ttft_s']:.2f} | {p['memory']['total'] / 1e6:.0f} | "
-                     f"{'ok' if c['targets']['ok'] else 'missed'} | {_f(c['kl_structure'])} | {_f(c['kl_quant'])} |")
-    res = report.get("result", {})
-    lines.append("")
-    if res.get("ok"):
-        ch = res["chosen"]
-        lines.append(f"**Chosen:** {ch['label']} ({res.get('why', '')}) — quality proxy KL {ch['quality_kl']:.4f}; "
-                     f"widths {res['plan']['widths']}; dropped layers {res['plan']['dropped_layers']}.")
-        for f, art in res["artifacts"].items():
-            b = art["bench"]
-            v = art["export"].get("verification", {})
-            lines.append(f"- {f}: `{art['path']}` ({art['dtype']}), verified top-1 {v.get('top1_agreement', float('nan')):.4f}; "
-                         f"on this host decode {median(b, 'decode_tok_s'):.1f} tok/s, prefill {median(b, 'prefill_tok_s'):.1f} tok/s, "
-                         f"TTFT {median(b, 'ttft_s'):.3f} s, peak RSS {b.get('peak_rss_mb', float('nan')):.0f} MiB"
-                         + (f"; dense {median(art['bench_dense'], 'decode_tok_s'):.1f} tok/s -> x{art['measured_decode_speedup']:.2f}" if "bench_dense" in art else "")
-                         + (f"; profile {art['host_prediction']['profile']} predicts decode {art['host_prediction']['decode_tok_s']:.1f} tok/s, "
-                            f"prefill {art['host_prediction']['prefill_tok_s']:.1f} tok/s, TTFT {art['host_prediction']['ttft_s']:.3f} s"
-                            if "host_prediction" in art else ""))
-        if res.get("imatrix"):
-            lines.append(f"- importance matrix: `{res['imatrix']['path']}` ({res['imatrix']['tokens']} calibration tokens; "
-                         f"reuse it with `{res['imatrix']['use']}`)")
-        lines += _quality_markdown(report.get("quality"))
-    else:
-        lines.append("**No candidate meets the targets.** " + "; ".join(res.get("unreachable", [])))
-    lines.append("")
-    lines.append("Timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in report.get("timings", {}).items()))
-    return "\n".join(lines) + "\n"
-
-
-def _quality_markdown(q: dict | None) -> list[str]:
-    """The shipped artifact beside the dense baselines, measured through their runtimes."""
-    if not q:
-        return []
-    pr = q["protocol"]
-    lines = ["", "## Quality of what ships, through the runtime", "",
-             f"Held-out self-generated text: {pr['held_out_self']}; real text: {pr['excerpt']}. Reference: {pr['reference']} "
-             f"(its excerpt perplexity {q['dense_torch_excerpt_ppl']:.2f}).", "",
-             "| artifact | ppl self-generated | ppl excerpt | x dense torch | top-1 vs dense | KL vs dense | factual prompts |",
-             "|---|---|---|---|---|---|---|"]
-    for label, a in q["artifacts"].items():
-        h, e = a["held_out_self"], a["excerpt"]
-        hits = f"{a['factual_hits']}/{a['factual_prompts']}" if "factual_hits" in a else "—"
-        lines.append(f"| {label} | {h['ppl']:.2f} | {e['ppl']:.2f} | {e['ppl_ratio_vs_dense_torch']:.3f} | {e['top1_vs_dense']:.3f} | "
-                     f"{e['kl_vs_dense']:.4f} | {hits} |")
-    if q.get("prompts"):
-        shipped_label = next(iter(q["artifacts"]))
-        mine = q["artifacts"][shipped_label].get("answers") or []
-        dense = q.get("dense_answers") or []
-        lines += ["", f"Greedy answers ({shipped_label} vs dense q8_0):", "", "| prompt | shipped | dense q8_0 |", "|---|---|---|"]
-        for i, p in enumerate(q["prompts"]):
-            cell = lambda xs: (xs[i] if i < len(xs) else "").replace("|", "/")[:120]
-            lines.append(f"| {p} | {cell(mine)} | {cell(dense)} |")
-    return lines
-
-
-def _f(x):
-    return "—" if x is None else f"{x:.4f}"
-

@@ -98,24 +98,26 @@ def parse_ms(value: Any, allow_zero: bool = True) -> float:
     return v
 
 
-def parse_gbps(value: Any) -> float:
-    """'8.7GB/s' -> 8.7, '8700MB/s' -> 8.7, 8.7 -> 8.7 (plain numbers are GB/s = 1e9 bytes/s)."""
-    v = _with_unit(value, _BW_UNITS, "a bandwidth", "GB/s", "'8.7GB/s'")
+def _positive_rate(value: Any, units: dict, what: str, unit: str, example: str, cap: float, hint: str) -> float:
+    """A positive rate; a plain number above `cap` is most likely in the wrong unit (`hint` says which)."""
+    v = _with_unit(value, units, what, unit, example)
     if v <= 0:
         raise ValueProblem(f"must be positive, got {value!r}")
-    if not isinstance(value, str) and v > 20_000:
-        raise ValueProblem(f"{value!r} GB/s is implausible; did you give MB/s? write '{v:g}MB/s' (plain numbers are GB/s)")
+    if not isinstance(value, str) and v > cap:
+        raise ValueProblem(f"{value!r} {unit} is implausible; {hint.format(v=v)} (plain numbers are {unit})")
     return v
+
+
+def parse_gbps(value: Any) -> float:
+    """'8.7GB/s' -> 8.7, '8700MB/s' -> 8.7, 8.7 -> 8.7 (plain numbers are GB/s = 1e9 bytes/s)."""
+    return _positive_rate(value, _BW_UNITS, "a bandwidth", "GB/s", "'8.7GB/s'", 20_000,
+                          "did you give MB/s? write '{v:g}MB/s'")
 
 
 def parse_gops(value: Any) -> float:
     """'150GOPS' -> 150, '1.2TOPS' -> 1200, 150 -> 150 (plain numbers are GOPS = 1e9 ops/s)."""
-    v = _with_unit(value, _OPS_UNITS, "a compute rate", "GOPS", "'150GOPS' or '1.2TOPS'")
-    if v <= 0:
-        raise ValueProblem(f"must be positive, got {value!r}")
-    if not isinstance(value, str) and v > 10_000_000:
-        raise ValueProblem(f"{value!r} GOPS is implausible; did you give ops/s? (plain numbers are GOPS)")
-    return v
+    return _positive_rate(value, _OPS_UNITS, "a compute rate", "GOPS", "'150GOPS' or '1.2TOPS'", 10_000_000,
+                          "did you give ops/s?")
 
 
 # --------------------------------------------------------------------------------------------

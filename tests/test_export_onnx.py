@@ -22,13 +22,8 @@ from edgeprune.testing import slice_layers, tiny_llama
 WINDOWS = np.random.default_rng(0).integers(3, 380, size=(2, 64))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # On the shared 2-core machine a 2-thread torch spins against other jobs (10x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# On the shared 2-core machine a 2-thread torch spins against other jobs (10x slower here).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
