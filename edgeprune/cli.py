@@ -44,6 +44,18 @@ def _load(spec: Optional[str], device: str, dtype: str):
 # ----------------------------------------------------------------------------------- validation
 # Every user-supplied value is checked here, before a model is loaded or anything is measured:
 # a bad value is exit 2 with one line, never a failure minutes later.
+def _recover_seconds(text: Optional[str]) -> Optional[float]:
+    """--recover-time '3min' / '90s' / 120 -> seconds (None: the default)."""
+    if text is None:
+        return None
+    from edgeprune.profiles import parse_seconds
+
+    try:
+        return parse_seconds(text if any(c.isalpha() for c in str(text)) else float(text))
+    except Exception as exc:  # the parser's own error type says what is wrong with the value
+        raise EdgepruneError(f"--recover-time: {exc} (e.g. 3min, 90s)") from None
+
+
 def _int_at_least(flag: str, value: Optional[int], minimum: int) -> None:
     if value is not None and value < minimum:
         raise EdgepruneError(f"{flag} must be at least {minimum}, got {value}")
@@ -205,6 +217,7 @@ def prune(
     recover: Optional[str] = typer.Option(None, "--recover", help="none, bias (FLAP), lstsq (FASP), mask (COMP), lora (CFSP IG-LoRA), or X+lora; default: the method's own"),
     lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="LoRA training steps (default 200)"),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="mean LoRA rank; per block proportional to its importance (default 8)"),
+    recover_time: Optional[str] = typer.Option(None, "--recover-time", help="time box of --recover kd (distillation from the dense model), e.g. 3min or 90s (default 180s)"),
     drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="remove the K least important blocks first (COMP / ShortGPT Block Influence; default 0, comp: layers/15)"),
     target: Optional[str] = typer.Option(None, "--target", help="what --sparsity is a fraction of: ffn (default) or linear (default of flap)"),
     align: int = typer.Option(32, "--align", help="widths are multiples of this (32: Q4_0/Q8_0, 256: K-quants)"),
@@ -231,7 +244,7 @@ def prune(
     from edgeprune.apply import check_plan, model_geometry
 
     plan = PrunePlan.load(plan_file) if plan_file else None
-    recover_args = {"lora_steps": lora_steps, "lora_rank": lora_rank}
+    recover_args = {"lora_steps": lora_steps, "lora_rank": lora_rank, "kd_seconds": _recover_seconds(recover_time)}
     if plan is None:
         validate_sparsity(sparsity)
         opts = resolve_options(method.value, score, target, allocation, heads, recover, recover_args)
@@ -458,7 +471,8 @@ def fit(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark (default: the host profile's threads, which its prediction assumes)"),
     host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
-    recover: str = typer.Option("lstsq,bias", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none"),
+    recover: str = typer.Option("lstsq,bias", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none; kd distills from the dense model on top of the best"),
+    recover_time: Optional[str] = typer.Option(None, "--recover-time", help="time box of kd, e.g. 3min (default 180s)"),
     max_quality_loss: Optional[str] = typer.Option(None, "--max-quality-loss", help="quality floor on the shipped artifact: a perplexity ratio to the dense model (1.15x) or a held-out KL (kl:0.3); exit 3 when nothing meets it"),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -483,7 +497,8 @@ def fit(
     names = [f.strip() for f in formats.split(",") if f.strip()]
     if not names or any(f not in dtypes.FORMATS for f in names) or len(set(names)) != len(names):
         raise EdgepruneError(f"--formats takes gguf and/or onnx, comma-separated and each once, got '{formats}'")
-    fit_recoveries = ("none", "lstsq", "bias", "mask", "lora")
+    fit_recoveries = ("none", "lstsq", "bias", "mask", "lora", "kd")
+    recover_seconds = _recover_seconds(recover_time)
     steps = [r.strip() for r in recover.split(",")]
     if not all(steps) or any(r not in fit_recoveries for r in steps):
         raise EdgepruneError(f"--recover takes a comma-separated list of {', '.join(fit_recoveries)}, got '{recover}'")
@@ -495,7 +510,7 @@ def fit(
         report, code = run_fit(model, profile, out, min_tokens_per_s, max_memory, max_ttft_s, dtype,
                                tuple(f.strip() for f in formats.split(",") if f.strip()), nsamples, seqlen, seed=seed,
                                threads=threads, host_profile=host_profile, recover=recover, progress=bar, log=ui.info,
-                               max_quality_loss=max_quality_loss)
+                               max_quality_loss=max_quality_loss, recover_seconds=recover_seconds)
     if json_out:
         ui.print_json(report)
         return

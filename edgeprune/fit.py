@@ -93,7 +93,7 @@ def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
 def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None, max_ttft=None, dtype=None,
             formats=("gguf", "onnx"), nsamples=32, seqlen=128, heldout=8, seed=0, threads=None,
             host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias", progress=None, log=print,
-            max_quality_loss=None, prompts=True) -> tuple[dict, int]:
+            max_quality_loss=None, prompts=True, recover_seconds=None) -> tuple[dict, int]:
     t_start = time.perf_counter()
     timings = {}
     step = (lambda label: (lambda i, n: progress(label, i, n))) if progress else (lambda label: None)
@@ -179,7 +179,8 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         for c in finalists:
             pruned, plan, imat = (lm.model, None, dense_imatrix)
             if c.plan is not None:
-                pruned, plan = _prune_with_best_recovery(lm, stats, c, base, desc, recoveries, calib, dense_lp, held, out, report, log)
+                pruned, plan = _prune_with_best_recovery(lm, stats, c, base, desc, recoveries, calib, dense_lp, held, out, report, log,
+                                                         kd_seconds=recover_seconds)
                 imat = collect_imatrix(pruned, calib) if use_imatrix else None
                 path = tmp / f"candidate.{c.mix}.{fmt}"
                 export_artifact(pruned, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False, imatrix=imat, head=c.head)
@@ -356,10 +357,13 @@ def _finish(out: Path, report: dict, timings: dict, t_start: float, candidates, 
     write_outputs(out, report, candidates, chosen, targets, profile)
 
 
-def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log):
-    """Prune the chosen plan, trying each recovery in `recoveries` (["lstsq", "bias"]): keep the one with the
-    lowest held-out KL, or none. Closed-form recovery can overfit a small calibration set (lstsq
-    wants ~10x the FFN width in tokens), so held-out text decides, not the calibration fit."""
+def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log, kd_seconds=None):
+    """Prune the chosen plan, trying each closed-form recovery in `recoveries` (["lstsq", "bias"]): keep
+    the one with the lowest held-out KL, or none. Closed-form recovery can overfit a small calibration
+    set (lstsq wants ~10x the FFN width in tokens), so held-out text decides, not the calibration fit.
+    With "kd" in `recoveries`, distillation from the dense model then runs on top of the kept one
+    (time-boxed by `kd_seconds`) and is kept only when it lowers the held-out KL too. The dense
+    model is never pruned in place here: it is the teacher and the reference."""
     if chosen.plan is None:
         pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=identity_plan(lm, base, desc),
                                          report={"from": "edgeprune fit"}, inplace=True)
@@ -367,7 +371,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         return pruned, plan
     tried = {"none": chosen.kl_structure}
     last = trial = None  # (name, model, plan) of the newest trial: its checkpoint is the one on disk
-    for name in recoveries:
+    for name in [r for r in recoveries if r != "kd"]:
         last = trial = None  # free the previous trial before building the next
         plan = with_recovery(chosen.plan, name)
         trial, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
@@ -375,13 +379,23 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         log(f"recovery {name}: held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}")
         last = (name, trial, plan)
     best = min(tried, key=tried.get)
+    if "kd" in recoveries:
+        last = trial = None
+        name = "kd" if best == "none" else f"{best}+kd"
+        plan = with_recovery(chosen.plan, name, {"kd_seconds": kd_seconds})
+        log(f"recovery {name}: distilling from the dense model for {plan.method['recover_args']['kd_seconds']:.0f} s")
+        trial, plan, rep = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
+        tried[name] = search.kl_to_dense(dense_lp, trial, held)
+        report["distillation"] = rep.get("recovery", {}).get("kd")
+        log(f"recovery {name}: held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}")
+        last = (name, trial, plan)
+        best = min(tried, key=tried.get)
     report["recovery"] = {"kept": best, "tried": tried}
     if last is not None and last[0] == best:
         _, pruned, plan = last  # already saved under out/model
     else:
         last = trial = None  # free the rejected trial before pruning again
         plan = chosen.plan if best == "none" else with_recovery(chosen.plan, best)
-        pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"},
-                                         inplace=True)
+        pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
     log(f"kept recovery: {best}")
     return pruned, plan

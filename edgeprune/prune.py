@@ -21,7 +21,8 @@ from edgeprune.recover import bias_flags, check_recover_args
 
 METHODS = ("cfsp", "uniform", "flap", "fasp", "comp")
 CLOSED_FORM_RECOVERIES = ("bias", "lstsq", "mask")
-RECOVERIES = ("none",) + CLOSED_FORM_RECOVERIES + ("lora",)
+TRAINED_RECOVERIES = ("lora", "kd")  # retraining on calibration tokens: LoRA on next-token loss, or distillation
+RECOVERIES = ("none",) + CLOSED_FORM_RECOVERIES + TRAINED_RECOVERIES
 COMP_SCORES = ("condition",) + FFN_SCORES
 NATIVE_RECOVERY = {"cfsp": "none", "uniform": "none", "flap": "bias", "fasp": "lstsq", "comp": "mask"}
 DEFAULT_SCORE = {"cfsp": "cfsp", "uniform": "cfsp", "flap": "flap", "fasp": "wanda-sp", "comp": "condition"}
@@ -36,7 +37,7 @@ def parse_recover(recover: str | None, method: str) -> list[str]:
     steps = [s.strip() for s in str(recover).split("+") if s.strip()]
     bad = [s for s in steps if s not in RECOVERIES]
     if bad or not steps:
-        raise EdgepruneError(f"--recover must be one of {', '.join(RECOVERIES)} (or one of bias, lstsq, mask + lora, e.g. bias+lora), got '{recover}'")
+        raise EdgepruneError(f"--recover must be one of {', '.join(RECOVERIES)} (or one of bias, lstsq, mask + lora or kd, e.g. bias+kd), got '{recover}'")
     if steps == ["none"]:
         return []
     if "none" in steps:
@@ -44,8 +45,9 @@ def parse_recover(recover: str | None, method: str) -> list[str]:
     closed = [s for s in steps if s in CLOSED_FORM_RECOVERIES]
     if len(closed) > 1:
         raise EdgepruneError(f"--recover takes at most one of bias, lstsq, mask (each re-fits the same weights), got '{recover}'")
-    if steps.count("lora") > 1 or ("lora" in steps and steps[-1] != "lora"):
-        raise EdgepruneError(f"--recover: lora comes last, once (e.g. bias+lora), got '{recover}'")
+    trained = [s for s in steps if s in TRAINED_RECOVERIES]
+    if len(trained) > 1 or (trained and steps[-1] != trained[0]):
+        raise EdgepruneError(f"--recover: lora or kd comes last, once (e.g. bias+lora, lstsq+kd), got '{recover}'")
     return steps
 
 
@@ -81,9 +83,11 @@ def resolve_options(method: str = "cfsp", score: str | None = None, target: str 
     heads = (method == "flap") if heads is None else bool(heads)
     steps = parse_recover(recover, method)
     recover_args = {k: v for k, v in (recover_args or {}).items() if v is not None}
-    lora_keys = [k for k in recover_args if k.startswith("lora_")]
-    if lora_keys and "lora" not in steps:
-        raise EdgepruneError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(lora_keys))} only apply with --recover lora (or X+lora)")
+    for kind, flag in (("lora", "lora"), ("kd", "kd")):
+        keys = [k for k in recover_args if k.startswith(kind + "_")]
+        if keys and kind not in steps:
+            names = ", ".join("--recover-time" if k == "kd_seconds" else "--" + k.replace("_", "-") for k in sorted(keys))
+            raise EdgepruneError(f"{names} only apply with --recover {flag} (or X+{flag})")
     recover_args = check_recover_args(steps, recover_args)
     return {"method": method, "score": score, "target": target, "allocation": allocation, "heads": heads,
             "recover": "+".join(steps) or "none", "recover_args": recover_args}

@@ -45,6 +45,7 @@ from torch import nn
 from edgeprune import arch
 from edgeprune.calibrate import CalibrationStats, ChannelStats
 from edgeprune.errors import EdgepruneError
+from edgeprune.distill import KD_DEFAULTS, distill
 from edgeprune.plan import PrunePlan
 
 DEFAULTS = {
@@ -53,7 +54,9 @@ DEFAULTS = {
     "mask": {"mask_ridge": 1e-2, "mask_clip": [0.5, 2.0], "mask_intercept": False},
     "lora": {"lora_steps": 200, "lora_rank": 8, "lora_lr": 5e-4, "lora_batch": 2, "lora_seqlen": 128, "lora_direction": "importance",
              "lora_alpha": 2.0, "lora_seed": 0},
+    "kd": dict(KD_DEFAULTS),
 }
+KD_HELDOUT_FRACTION = 8  # kd keeps 1/8 of the calibration rows (at least 1) apart to decide whether it helped
 LORA_DIRECTIONS = ("importance", "inverse", "uniform")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -92,6 +95,12 @@ def check_recover_args(steps: list[str], args: dict) -> dict:
         if not 0 <= lo <= 1 <= hi:
             raise EdgepruneError(f"mask_clip must be [lo, hi] with 0 <= lo <= 1 <= hi, got {out['mask_clip']}")
         out["mask_clip"] = [float(lo), float(hi)]
+    if "kd_seconds" in out and not (isinstance(out["kd_seconds"], (int, float)) and 0 < out["kd_seconds"] < 86_400):
+        raise EdgepruneError(f"--recover-time must be between 0 and 24 hours, got {out['kd_seconds']}")
+    if "kd_lr" in out and not out["kd_lr"] > 0:
+        raise EdgepruneError(f"kd_lr must be positive, got {out['kd_lr']}")
+    if "kd_batch" in out and not (isinstance(out["kd_batch"], int) and out["kd_batch"] >= 1):
+        raise EdgepruneError(f"kd_batch must be a positive integer, got {out['kd_batch']}")
     for k in ("lstsq_ridge", "mask_ridge"):
         if k in out and not out[k] >= 0:
             raise EdgepruneError(f"{k} must be >= 0, got {out[k]}")
@@ -107,7 +116,7 @@ def bias_flags(recover: str | None, args: dict | None) -> tuple[bool, bool]:
 
 def needs(recover: str | None) -> dict:
     steps = _steps(recover)
-    return {"stats": bool(steps), "gram": any(s in ("lstsq", "mask") for s in steps), "ids": "lora" in steps}
+    return {"stats": bool(steps), "gram": any(s in ("lstsq", "mask") for s in steps), "ids": "lora" in steps or "kd" in steps}
 
 
 # ------------------------------------------------------------------------ closed-form solutions
@@ -359,6 +368,12 @@ def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids:
             raise EdgepruneError(f"recovery '{s}' needs calibration statistics")
         if s == "lora":
             report[s] = lora_recover(pruned, plan, stats, ids, args, progress)
+        elif s == "kd":
+            if ids is None or len(ids) < 2:
+                raise EdgepruneError("distillation recovery needs at least 2 calibration rows (--nsamples)")
+            n_held = max(1, len(ids) // KD_HELDOUT_FRACTION)
+            report[s] = distill(pruned, dense, ids[:-n_held], ids[-n_held:], seconds=args["kd_seconds"], lr=args["kd_lr"],
+                                batch_size=args["kd_batch"], progress=progress)
         else:
             report[s] = closed_form(pruned, dense, plan, stats, s, args)
         report[s]["seconds"] = time.perf_counter() - t
