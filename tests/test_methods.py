@@ -334,7 +334,7 @@ def test_every_method_reloads_with_identical_logits(setup, tmp_path, cfg):
     (dict(method="uniform", allocation="cfsp"), "is itself the allocation"),
     (dict(method="nope"), "--method must be one of"),
     (dict(method="fasp", recover="bias+mask"), "at most one of"),
-    (dict(method="fasp", recover="lora+bias"), "lora comes last"),
+    (dict(method="fasp", recover="lora+bias"), "lora or kd comes last"),
     (dict(method="fasp", recover="magic"), "--recover must be one of"),
     (dict(method="fasp", recover="none+lora"), "cannot be combined"),
     (dict(method="flap", recover_args={"lora_steps": 5}), "only apply with --recover lora"),
