@@ -11,7 +11,7 @@ Layout of a checkpoint directory:
 edgeprune reloads it with `load_pruned`, which never executes modeling_edgeprune.py (or any code
 in the directory): it builds edgeprune's own LlamaForCausalLM from config.json, resizes each layer
 to `edgeprune_layer_shapes` and reads the safetensors weights. Plain transformers users may opt in
-with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=...)` (the user's opt-in; edgeprune never sets it).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Per-layer Llama for plain transformers users (`trust_remote_code=True`).
+"""Per-layer Llama for plain transformers users (they opt in with transformers' trust_remote_code flag; edgeprune itself never does).
 
 edgeprune copies this file into every pruned checkpoint as `modeling_edgeprune.py` and points
 config.json's `auto_map` at it, so
 
-    AutoModelForCausalLM.from_pretrained(pruned_dir, trust_remote_code=True)
+    AutoModelForCausalLM.from_pretrained(pruned_dir, trust_remote_code=...)   # the user opts in
 
 builds each layer at its pruned shape before the weights load (no `ignore_mismatched_sizes`).
 It imports nothing from edgeprune on purpose: the checkpoint must work without edgeprune.
