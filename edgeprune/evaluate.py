@@ -93,7 +93,8 @@ def torch_logits_fn(model) -> LogitsFn:
     return fn
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (runtime logits arrive as float32)."""
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -110,7 +111,7 @@ def compare_logits(reference: LogitsFn, candidate: LogitsFn, windows: torch.Tens
             raise EdgepruneError(f"logit shapes differ: reference {ref.shape} vs candidate {cand.shape}")
         agree += int((ref.argmax(-1) == cand.argmax(-1)).sum())
         total += ref.shape[0]
-        lp, lq = _log_softmax(ref), _log_softmax(cand)
+        lp, lq = log_softmax(ref), log_softmax(cand)
         kl_sum += float((np.exp(lp) * (lp - lq)).sum())
         max_abs = max(max_abs, float(np.abs(ref - cand).max()))
     return {

@@ -189,14 +189,17 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                 if path is None:  # full precision: export it for the runtime measurement
                     path = tmp / f"dense.{c.mix}.{fmt}"
                     export_artifact(lm.model, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False)
-            q = shipped.window_quality(runtime_logits_fn(fmt, path, max(seqlen, shipped.TEXT_SEQLEN)), text_windows, refs["text"])
-            kl = search.quant_kl(dense_lp, runtime_logits_fn(fmt, path, seqlen), held)
+            fn = runtime_logits_fn(fmt, path, max(seqlen, shipped.TEXT_SEQLEN))  # one runtime instance for both scores
+            q = shipped.window_quality(fn, text_windows, refs["text"])
+            # a dense mix's held-out KL was measured on this very file by _dense_mixes
+            kl = c.kl_quant if c.plan is None and c.kl_quant is not None and (c.dtype, c.head) in dense_exports else \
+                search.quant_kl(dense_lp, fn, held)
+            if getattr(fn, "llm", None) is not None:
+                fn.llm.close()
             trials.append({"candidate": c, "model": pruned, "plan": plan, "imatrix": imat, "path": path,
                            "held_out_kl": kl, "excerpt": q, "ppl_ratio": q["ppl"] / dense_text_ppl})
             log(f"finalist {c.label}: held-out KL through {fmt} {kl:.4f}, excerpt perplexity {q['ppl']:.2f} "
                 f"({q['ppl'] / dense_text_ppl:.3f}x dense torch)")
-            if c.plan is not None:
-                pruned = plan = None  # the trial holds them
         allowed = [tr for tr in trials if _within_floor(tr, floor)]
         report["finalists"] = [{"label": tr["candidate"].label, "held_out_kl": tr["held_out_kl"], "excerpt": tr["excerpt"],
                                 "ppl_ratio_vs_dense_torch": tr["ppl_ratio"], "within_floor": _within_floor(tr, floor)} for tr in trials]
@@ -230,7 +233,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
 
         t = time.perf_counter()
         report["quality"] = _quality_table(lm, fmt, artifacts, dense_exports, chosen, held.numpy(), text_windows, refs, dense_text_ppl,
-                                           dense_imatrix, tmp, prompts, log)
+                                           tmp, prompts, log)
         timings["quality_report_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -292,7 +295,7 @@ def _ship(model, tokenizer, chosen, fmt, formats, imatrix, out: Path, log) -> di
     return artifacts
 
 
-def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, dense_text_ppl, dense_imatrix, tmp, prompts, log) -> dict:
+def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, dense_text_ppl, tmp, prompts, log) -> dict:
     """What ships beside the dense baselines, all through their runtimes on the same held-out text."""
     prompt_set = shipped.load_prompts() if prompts else None
     rows = {}

@@ -19,7 +19,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from edgeprune.evaluate import token_windows
+from edgeprune.evaluate import log_softmax, token_windows
 from edgeprune.exporters.common import verification_text
 
 TEXT_SEQLEN = 256  # the bundled excerpt is ~6k tokens: 16 windows of 256
@@ -33,12 +33,6 @@ def load_prompts() -> list[dict]:
 
 def excerpt_windows(tokenizer, seqlen: int = TEXT_SEQLEN, n: int = TEXT_WINDOWS) -> np.ndarray:
     return token_windows(tokenizer, verification_text(), seqlen, max_windows=n).numpy()
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 @torch.no_grad()
@@ -55,7 +49,7 @@ def window_quality(logits_fn, windows: np.ndarray, reference: list[np.ndarray] |
     n = agree = 0
     kl = 0.0
     for i, w in enumerate(windows):
-        lq = _log_softmax(logits_fn(w))
+        lq = log_softmax(logits_fn(w))
         nll -= float(lq[np.arange(len(w) - 1), w[1:]].sum())
         n += len(w) - 1
         if reference is not None:
