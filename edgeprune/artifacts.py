@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeprune import search
+from edgeprune import mix
 from edgeprune.exporters.gguf import export_gguf
 from edgeprune.exporters.llamacpp import llamacpp_logits_fn
 from edgeprune.exporters.onnx import export_onnx, ort_logits_fn
@@ -12,7 +12,7 @@ from edgeprune.exporters.onnx import export_onnx, ort_logits_fn
 
 def export_artifact(model, tokenizer, fmt: str, dtype: str, out: Path, verify: bool = True, imatrix=None, head=None) -> dict:
     if fmt == "gguf":
-        return export_gguf(model, tokenizer, out, dtype=dtype, verify=verify, imatrix=imatrix, overrides=search.mix_overrides(head))
+        return export_gguf(model, tokenizer, out, dtype=dtype, verify=verify, imatrix=imatrix, overrides=mix.output_override(head))
     return export_onnx(model, tokenizer, out, dtype=dtype, verify=verify)
 
 

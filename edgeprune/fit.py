@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeprune import dtypes, latency, search, shipped
+from edgeprune import dtypes, latency, mix, search, shipped
 from edgeprune.artifacts import export_artifact, runtime_logits_fn
 from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
 from edgeprune.budget import achieved
@@ -269,7 +269,7 @@ def _dense_mixes(lm, fmt, mixes, imatrix, dense_lp, held, seqlen, tmp: Path, log
             if f32 is None:
                 f32 = tmp / "dense.f32.gguf"
                 export_artifact(lm.model, lm.tokenizer, "gguf", "f32", f32, verify=False)
-            quantize_gguf(f32, path, fd, imatrix=imatrix, overrides=search.mix_overrides(head), tied=bool(lm.model.config.tie_word_embeddings))
+            quantize_gguf(f32, path, fd, imatrix=imatrix, overrides=mix.output_override(head), tied=bool(lm.model.config.tie_word_embeddings))
         else:
             export_artifact(lm.model, lm.tokenizer, fmt, fd, path, verify=False)
         quant[(d, head)] = search.quant_kl(dense_lp, runtime_logits_fn(fmt, path, seqlen), held)

@@ -126,7 +126,7 @@ def byte_counts(geometry: ModelGeometry, dtype: str, backend: str = "llama.cpp",
     storage: dict[str, int] = {}
     if backend == "llama.cpp":
         tensors = gguf_tensors(g)
-        overrides = {"output": dtypes.get(head_dtype).base} if head_dtype else None
+        overrides = mix.output_override(dtypes.get(head_dtype).base if head_dtype else None)
         n_gqa = next((s.n_heads // s.n_kv_heads for s in g.layers[:1] if s.n_kv_heads), 1)
         types = mix.tensor_types(dtype, tensors, g.tied, overrides, imatrix, n_layers=g.n_layers, n_gqa=n_gqa)
         part = {"layers": 0.0, "head": 0.0, "embd": 0.0}

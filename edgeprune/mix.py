@@ -68,6 +68,11 @@ def storage_name(name: str) -> str:
     return key
 
 
+def output_override(storage: str | None) -> dict | None:
+    """The overrides that store the output projection (the tied embedding) as `storage`; None: llama.cpp's rule."""
+    return {"output": storage} if storage else None
+
+
 def override_patterns(overrides: dict | None, tied: bool) -> list[tuple[str, str]]:
     """User overrides -> [(regex, storage)] in the user's order, as llama.cpp's `tt_overrides` take them.
 

@@ -43,10 +43,6 @@ def mix_label(dtype: str, head: str | None) -> str:
     return dtype + (f"-output-{head}" if head else "")
 
 
-def mix_overrides(head: str | None) -> dict | None:
-    return {"output": head} if head else None
-
-
 def mixes(dtypes_: list[str], fmt: str) -> list[tuple[str, str | None]]:
     """(dtype, head override) pairs the search tries: each profile dtype with llama.cpp's own output
     rule, and for quantized GGUF dtypes each HEAD_VARIANTS override too (llama.cpp's rule always
