@@ -81,9 +81,20 @@ class CalibrationStats:
         return [b.one_minus_cos for b in self.blocks]
 
 
-def rotary(model, seqlen: int, like: torch.Tensor):
+def rotary(model, seqlen: int, like: torch.Tensor) -> dict:
+    """What every decoder block of `model` needs besides its input, for causal sequences of `seqlen`
+    tokens without padding: rotary tables (Gemma 3: global and local ones) and, for sliding-window
+    layers, the window mask (sdpa applies plain causality itself when the mask is None)."""
     position_ids = torch.arange(seqlen, device=like.device)[None]
-    return position_ids, model.model.rotary_emb(like, position_ids)
+    inner = model.model
+    if not hasattr(inner, "rotary_emb_local"):
+        return {"position_ids": position_ids, "position_embeddings": inner.rotary_emb(like, position_ids)}
+    window = getattr(model.config, "sliding_window", None)
+    q = torch.arange(seqlen, device=like.device)
+    near = (q[:, None] - q[None, :] >= 0) & (q[:, None] - q[None, :] < window) if window and window < seqlen else None
+    return {"position_ids": position_ids, "position_embeddings_global": inner.rotary_emb(like, position_ids),
+            "position_embeddings_local": inner.rotary_emb_local(like, position_ids),
+            "masks": {"sliding_attention": None if near is None else near[None, None], "full_attention": None}}
 
 
 @torch.no_grad()
@@ -92,19 +103,21 @@ def embed(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     return torch.cat([model.model.embed_tokens(ids[i : i + batch_size].to(device)) for i in range(0, len(ids), batch_size)])
 
 
+def block_kwargs(layer, position: dict) -> dict:
+    """`rotary()`'s context as this block's keyword arguments."""
+    kwargs = {k: v for k, v in position.items() if k != "masks"}
+    masks = position.get("masks")
+    kwargs["attention_mask"] = masks.get(getattr(layer, "attention_type", "full_attention")) if masks else None
+    return kwargs
+
+
 @torch.no_grad()
-def run_block(layer, hidden: torch.Tensor, position, batch_size: int = 8) -> torch.Tensor:
-    """Run one decoder block over all sequences (causal attention, no mask, no cache)."""
-    position_ids, position_embeddings = position
+def run_block(layer, hidden: torch.Tensor, position: dict, batch_size: int = 8) -> torch.Tensor:
+    """Run one decoder block over all sequences (causal attention, no padding, no cache)."""
+    kwargs = block_kwargs(layer, position)
     outs = []
     for i in range(0, len(hidden), batch_size):
-        out = layer(
-            hidden[i : i + batch_size],
-            attention_mask=None,  # sdpa then applies the causal mask itself
-            position_ids=position_ids,
-            position_embeddings=position_embeddings,
-            use_cache=False,
-        )
+        out = layer(hidden[i : i + batch_size], use_cache=False, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outs)
 

@@ -2,14 +2,14 @@
 
 Layout of a checkpoint directory:
   model.safetensors        the pruned weights (no pickles)
-  config.json              the base Llama config, `num_hidden_layers` = kept layers, plus
-                           `edgeprune_layer_shapes` and an `auto_map` to modeling_edgeprune.py
-  modeling_edgeprune.py    a 40-line subclass of LlamaForCausalLM that builds per-layer shapes
+  config.json              the base model's config (any family), `num_hidden_layers` = kept layers,
+                           plus `edgeprune_layer_shapes` and an `auto_map` to modeling_edgeprune.py
+  modeling_edgeprune.py    subclasses of the transformers classes that build per-layer shapes
   plan.json                the PrunePlan (what was kept, from which base model)
   tokenizer files, generation_config.json
 
 edgeprune reloads it with `load_pruned`, which never executes modeling_edgeprune.py (or any code
-in the directory): it builds edgeprune's own LlamaForCausalLM from config.json, resizes each layer
+in the directory): it builds the transformers class of the config's model_type, resizes each layer
 to `edgeprune_layer_shapes` and reads the safetensors weights. Plain transformers users may opt in
 with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=...)` (the user's opt-in; edgeprune never sets it).
 """
@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from edgeprune import arch
 from edgeprune.errors import EdgepruneError
+from edgeprune.families import family_for_model_type
 from edgeprune.model_files import LoadedModel, check_safetensors, dir_fingerprint, first_line, save_hf
 from edgeprune.plan import PrunePlan
 
@@ -37,16 +38,16 @@ def save_pruned(model, tokenizer, plan: PrunePlan, out: Path) -> None:
     out = Path(out)
     shapes = [s.to_dict() for s in arch.layer_shapes(model)]
     model.config.edgeprune_layer_shapes = shapes
-    model.config.auto_map = {"AutoModelForCausalLM": "modeling_edgeprune.EdgepruneLlamaForCausalLM"}
-    model.config.architectures = ["EdgepruneLlamaForCausalLM"]
+    cls = "Edgeprune" + type(model).__name__.removeprefix("Edgeprune")
+    model.config.auto_map = {"AutoModelForCausalLM": f"modeling_edgeprune.{cls}"}
+    model.config.architectures = [cls]
     save_hf(model, tokenizer, out)
     shutil.copyfile(Path(__file__).with_name("hf_modeling.py"), out / REMOTE_CODE)
     plan.save(out / "plan.json")
 
 
 def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32, spec: str | None = None):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     plan = PrunePlan.load(path / "plan.json")
@@ -56,7 +57,9 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
         raise EdgepruneError(f"{path}/config.json is missing or not JSON ({type(exc).__name__})") from None
     shapes = cfg_dict.pop("edgeprune_layer_shapes", None)
     cfg_dict.pop("auto_map", None)
-    cfg_dict["architectures"] = ["LlamaForCausalLM"]
+    model_type = cfg_dict.pop("model_type", "llama")
+    family_for_model_type(model_type)  # one-line error for a config no family loads
+    cfg_dict["architectures"] = [str(a).removeprefix("Edgeprune") for a in cfg_dict.get("architectures") or []]
     if not shapes:
         raise EdgepruneError(f"{path}/config.json has no edgeprune_layer_shapes: not an edgeprune checkpoint")
     if not isinstance(shapes, list) or len(shapes) != cfg_dict.get("num_hidden_layers") or not all(isinstance(s, dict) for s in shapes):
@@ -66,8 +69,8 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
         raise EdgepruneError(f"{weights} is missing: the checkpoint is incomplete")
     check_safetensors(weights)
     try:
-        config = LlamaConfig.from_dict(cfg_dict)
-        model = LlamaForCausalLM(config)  # edgeprune's class, never the directory's modeling_edgeprune.py
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+        model = AutoModelForCausalLM.from_config(config)  # transformers' class, never the directory's modeling_edgeprune.py
         hd = arch.head_dim(model)
         for layer, shape in zip(arch.layers(model), shapes):
             arch.resize_layer(layer, shape, hd)

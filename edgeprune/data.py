@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.evaluate import with_bos
 
 SELF = "self"
 
@@ -63,7 +64,7 @@ def windows_from_text(tokenizer, text: str, nsamples: int, seqlen: int, seed: in
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=g)
     ids = torch.tensor(ids, dtype=torch.long)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return with_bos(tokenizer, torch.stack([ids[s : s + seqlen] for s in starts.tolist()]))
 
 
 @torch.no_grad()

@@ -42,6 +42,21 @@ def load_text(path: str | Path) -> str:
     return text
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with BOS (Gemma, Llama 3; SmolLM2 does not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def with_bos(tokenizer, windows: torch.Tensor) -> torch.Tensor:
+    """Each window's first token replaced by BOS where the model expects one, as llama.cpp's
+    perplexity tool does: a model trained always to see BOS first is lost without it."""
+    if adds_bos(tokenizer):
+        windows = windows.clone()
+        windows[:, 0] = tokenizer.bos_token_id
+    return windows
+
+
 def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     if seqlen < 2:
         raise EdgepruneError(f"--seqlen must be at least 2, got {seqlen}")
@@ -51,7 +66,7 @@ def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = N
         raise EdgepruneError(f"the text has {len(ids)} tokens, fewer than one {seqlen}-token window")
     if max_windows:
         n = min(n, max_windows)
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen)
+    return with_bos(tokenizer, torch.tensor(ids[: n * seqlen], dtype=torch.long).view(n, seqlen))
 
 
 @torch.no_grad()

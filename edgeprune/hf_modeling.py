@@ -1,4 +1,4 @@
-"""Per-layer Llama for plain transformers users (they opt in with transformers' trust_remote_code flag; edgeprune itself never does).
+"""Per-layer decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 3) for plain transformers users (they opt in with transformers' trust_remote_code flag; edgeprune itself never does).
 
 edgeprune copies this file into every pruned checkpoint as `modeling_edgeprune.py` and points
 config.json's `auto_map` at it, so
@@ -12,7 +12,7 @@ attn_out_bias} per kept layer.
 """
 
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 
 def _linear(n_in, n_out, bias, like):
@@ -38,12 +38,26 @@ def resize_layer(layer, shape, head_dim):
     mlp.intermediate_size = ffn
 
 
-class EdgepruneLlamaForCausalLM(LlamaForCausalLM):
-    def __init__(self, config):
-        super().__init__(config)
-        shapes = getattr(config, "edgeprune_layer_shapes", None) or []
-        if shapes and len(shapes) != len(self.model.layers):
-            raise ValueError(f"config has {len(shapes)} layer shapes for {len(self.model.layers)} layers")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        for layer, shape in zip(self.model.layers, shapes):
-            resize_layer(layer, shape, head_dim)
+def per_layer(base):
+    """`base` (a transformers *ForCausalLM) whose layers are resized to config.edgeprune_layer_shapes."""
+
+    class PerLayer(base):
+        def __init__(self, config):
+            super().__init__(config)
+            shapes = getattr(config, "edgeprune_layer_shapes", None) or []
+            if shapes and len(shapes) != len(self.model.layers):
+                raise ValueError(f"config has {len(shapes)} layer shapes for {len(self.model.layers)} layers")
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            for layer, shape in zip(self.model.layers, shapes):
+                resize_layer(layer, shape, head_dim)
+
+    PerLayer.__name__ = PerLayer.__qualname__ = "Edgeprune" + base.__name__
+    return PerLayer
+
+
+# config.json's auto_map names one of these (checkpoint.save_pruned).
+EdgepruneLlamaForCausalLM = per_layer(LlamaForCausalLM)
+EdgepruneMistralForCausalLM = per_layer(MistralForCausalLM)
+EdgepruneQwen2ForCausalLM = per_layer(Qwen2ForCausalLM)
+EdgepruneQwen3ForCausalLM = per_layer(Qwen3ForCausalLM)
+EdgepruneGemma3ForCausalLM = per_layer(Gemma3ForCausalLM)

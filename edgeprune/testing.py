@@ -1,4 +1,4 @@
-"""A tiny random Llama and a real byte-level BPE tokenizer, built offline in about a second.
+"""Tiny random decoders of every family and a real byte-level BPE tokenizer, built offline in about a second.
 
 Unit tests use these; integration tests use the real SmolLM2 (host measurement builds its own
 random models in edgeprune.hostperf.shapes).
@@ -58,7 +58,35 @@ def tiny_tokenizer(vocab_size: int = 384):
     return fast
 
 
-def tiny_llama(
+# Per-family config classes and the extras that make each family's own parts non-trivial.
+FAMILY_CONFIGS = {
+    "llama": "LlamaConfig", "llama3": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config", "gemma3": "Gemma3TextConfig",
+}
+TINY_FAMILIES = tuple(FAMILY_CONFIGS)  # "llama3" is Llama with Llama 3.x rope scaling
+
+
+def _family_extras(family: str, layers: int, heads: int, hidden: int) -> dict:
+    if family == "llama3":
+        return {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+    if family == "mistral":
+        return {"sliding_window": None}
+    if family == "qwen2":
+        return {"use_sliding_window": False, "rope_theta": 1000000.0}
+    if family == "qwen3":
+        return {"use_sliding_window": False, "attention_bias": False, "rope_theta": 1000000.0}
+    if family == "gemma3":
+        # Every 3rd layer global (Gemma 3 uses 6), a 24-token window so tests of 64+ tokens cross it.
+        types = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(layers)]
+        return {"layer_types": types, "sliding_window": 24, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                "query_pre_attn_scalar": hidden // heads, "hidden_activation": "gelu_pytorch_tanh",
+                "final_logit_softcapping": None, "attn_logit_softcapping": None, "rms_norm_eps": 1e-6}
+    return {}
+
+
+def tiny_model(
+    family: str = "llama",
     tokenizer=None,
     hidden: int = 64,
     layers: int = 4,
@@ -69,35 +97,39 @@ def tiny_llama(
     tie: bool = True,
     init_std: float = 0.08,
 ):
-    """A random LlamaForCausalLM whose logits are peaked enough for argmax comparisons."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random decoder of `family` (see TINY_FAMILIES) whose logits are peaked enough for argmax
+    comparisons, built offline from its transformers config."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
+    if family not in FAMILY_CONFIGS:
+        raise ValueError(f"unknown tiny family {family}: one of {', '.join(FAMILY_CONFIGS)}")
     tokenizer = tokenizer or tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=tie,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    kwargs = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         initializer_range=init_std,
     )
+    kwargs.update(_family_extras(family, layers, heads, hidden))
+    cfg = getattr(transformers, FAMILY_CONFIGS[family])(**kwargs)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms so RMSNorm weights are exercised by exporters
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    gemma = family == "gemma3"
+    with torch.no_grad():  # non-trivial norms and biases so exporters are exercised
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(0.8, 1.2)
+                p.uniform_(-0.2, 0.2) if gemma else p.uniform_(0.8, 1.2)  # Gemma scales by (1 + w)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
         model.model.embed_tokens.weight.normal_(0.0, 0.5)  # logits of std ~4: a clear argmax
     return model, tokenizer
+
+
+def tiny_llama(tokenizer=None, **kwargs):
+    """A random LlamaForCausalLM (tiny_model's Llama)."""
+    return tiny_model("llama", tokenizer, **kwargs)
 
 
 def slice_layers(model, plan: dict, drop=(), bias_std: float = 0.3, generator=None):
@@ -138,10 +170,10 @@ def slice_layers(model, plan: dict, drop=(), bias_std: float = 0.3, generator=No
     return model
 
 
-def save_tiny_llama(out: Path, **kwargs) -> Path:
+def save_tiny_llama(out: Path, family: str = "llama", **kwargs) -> Path:
     from edgeprune.model_files import save_hf
 
-    model, tokenizer = tiny_llama(**kwargs)
+    model, tokenizer = tiny_model(family, **kwargs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_hf(model, tokenizer, out)

@@ -1,19 +1,24 @@
 """GGUF writer for llama.cpp: tensors, RoPE permutation, hyperparameters, and the export entry point.
 
-A pruned model keeps the Llama block but its sizes vary per layer, so the exporter picks the
-llama.cpp architecture from the shapes:
+The model's family (edgeprune/families) names llama.cpp's architecture; a pruned model keeps its
+block but its sizes may vary per layer, so the exporter picks the architecture from the shapes:
 
-  * every layer the same shape -> `llama` (scalar hyperparameters, what every tool knows);
-  * per-layer FFN widths or head counts -> `deci` (llama.cpp's Nemotron-NAS graph, which reads
-    `feed_forward_length`, `attention.head_count` and `attention.head_count_kv` as per-layer arrays).
+  * every layer the same shape -> the family's own architecture (`llama` for Llama and Mistral,
+    `qwen2`, `qwen3`, `gemma3`): scalar hyperparameters, what every tool knows;
+  * per-layer FFN widths or head counts, or FLAP's o/down biases on a family whose graph reads
+    none -> `deci` (llama.cpp's Nemotron-NAS graph: per-layer `feed_forward_length`,
+    `attention.head_count` and `attention.head_count_kv` arrays, every bias). Qwen3 and Gemma 3
+    have no such architecture (deci has no q/k norms and no Gemma norms): they need uniform shapes.
 
-Both llama.cpp graphs accept optional `attn_output.bias` and `ffn_down.bias` tensors (FLAP bias
-compensation), as well as q/k/v and gate/up biases: every bias the torch model has is written, F32.
+Every bias the torch model has is written, F32 (the architecture check above guarantees the graph
+reads it). Gemma's RMSNorms scale by (1 + w), llama.cpp's by w: their weights are written plus one,
+as llama.cpp's own converter does.
 
-Weights go in in HF's [out, in] layout (gguf-py reverses the dims, so llama.cpp's ne0 = in). Only
-Q and K rows are reordered: HF rotates the two halves of each head (rotate_half) while llama.cpp's
-`llama`/`deci` RoPE rotates adjacent pairs, so each head's rows go from (2, head_dim/2) order to
-(head_dim/2, 2) order, per layer with that layer's own head counts.
+Weights go in in HF's [out, in] layout (gguf-py reverses the dims, so llama.cpp's ne0 = in). Q and
+K rows are reordered only for architectures whose RoPE rotates adjacent pairs (llama, deci): HF
+rotates the two halves of each head (rotate_half), so each head's rows go from (2, head_dim/2) to
+(head_dim/2, 2) order, per layer with that layer's own head counts. qwen2, qwen3 and gemma3 rotate
+halves (NEOX) like HF: rows stay.
 
 f32 and f16 are written directly. Every quantized dtype (q8_0 ... q3_k_m) is made by llama.cpp's
 own quantizer from a temporary F32 file (exporters/llamacpp_quantize.py), optionally with an
@@ -85,7 +90,7 @@ def export_gguf(
     say = progress or (lambda msg: None)
     dtype = dtypes.normalize(dtype, "gguf")
     shapes = layer_shapes(model)
-    arch = choose_arch(shapes, family_of(model))
+    arch = choose_arch(shapes, family_of(model), model_biases(model), model.config.hidden_size // _head_dim(model))
     check_shapes(model, shapes)
     quantized = dtype not in DIRECT_TYPES
     if overrides and not quantized:
@@ -139,11 +144,21 @@ def export_gguf(
     }
 
 
-def choose_arch(shapes, family=None) -> str:
-    """The family's uniform architecture (`llama`) when one shape fits every layer (biases are fine
-    there too), else its per-layer one (`deci` for Llama)."""
+def choose_arch(shapes, family=None, biases: frozenset = frozenset(), full_heads: int | None = None) -> str:
+    """The family's uniform architecture when one shape fits every layer and its graph reads every
+    bias the model has, else its per-layer one (`deci`); an EdgepruneError when there is none.
+    full_heads: hidden / head_dim, to tell whether query heads were pruned."""
     family = family or family_for_model_type("llama")
-    return family.gguf_arch(per_layer=len({(s.n_heads, s.n_kv_heads, s.ffn) for s in shapes}) > 1)
+    per_layer = len({(s.n_heads, s.n_kv_heads, s.ffn) for s in shapes}) > 1
+    heads_pruned = full_heads is not None and bool(shapes) and shapes[0].n_heads != full_heads
+    return family.gguf_arch(per_layer=per_layer, biases=biases, heads_pruned=heads_pruned)
+
+
+def model_biases(model) -> frozenset:
+    """GGUF roles (attn_q ... ffn_down) that carry a bias in at least one layer."""
+    fam = family_of(model)
+    return frozenset(role for layer in fam.layers(model) for role in fam.linears
+                     if fam.linear(layer, role).bias is not None)
 
 
 def check_shapes(model, shapes) -> None:
@@ -162,8 +177,17 @@ def check_shapes(model, shapes) -> None:
         if s.n_heads == 0 and (s.n_kv_heads or s.attn_out_bias):
             # deci runs a head-less layer as "no attention": an o_proj bias would be dropped.
             raise EdgepruneError(f"layer {i} has no query heads but keeps KV heads or an o_proj bias (FLAP compensation): llama.cpp deci cannot carry it")
-    if getattr(model.config, "rope_scaling", None) and _rope_type(model.config) not in ("default", "linear", "llama3"):
-        raise EdgepruneError(f"RoPE scaling '{_rope_type(model.config)}' is not supported by the GGUF exporter (default, linear, llama3 are)")
+    cfg = model.config
+    if getattr(cfg, "rope_scaling", None) and _rope_type(cfg) not in ("default", "linear", "llama3"):
+        raise EdgepruneError(f"RoPE scaling '{_rope_type(cfg)}' is not supported by the GGUF exporter (default, linear, llama3 are)")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise EdgepruneError("attention logit soft-capping (Gemma 2) is not in llama.cpp's gemma3 graph: export ONNX instead")
+    if family_of(model).name == "gemma3":
+        hd = _head_dim(model)
+        if float(getattr(cfg, "query_pre_attn_scalar", hd)) != float(hd):
+            # llama.cpp scales queries by 1/sqrt(head_dim) for every Gemma 3 size but 27B
+            raise EdgepruneError(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} differs from head_dim {hd}: "
+                                 "llama.cpp's gemma3 graph would scale attention differently")
 
 
 
@@ -228,28 +252,37 @@ def _head_dim(model) -> int:
     return head_dim(model)
 
 
-def gguf_tensors(model, shapes):
+def _norm(fam, module) -> np.ndarray:
+    return _np(module.weight) + np.float32(fam.norm_offset)
+
+
+def gguf_tensors(model, shapes, arch: str | None = None):
     """(GGUF name, fp32 array) for every tensor llama.cpp reads, in HF [out, in] layout."""
     m, fam = model.model, family_of(model)
+    arch = arch or choose_arch(shapes, fam, model_biases(model), model.config.hidden_size // _head_dim(model))
+    permute = fam.rope_permuted(arch)
     yield "token_embd.weight", _np(m.embed_tokens.weight)
     for i, (layer, s) in enumerate(zip(fam.layers(model), shapes)):
         p = f"blk.{i}."
         roles = (("attn_q", s.n_heads), ("attn_k", s.n_kv_heads), ("attn_v", None), ("attn_output", None)) if s.n_heads else ()
-        if s.n_heads:  # a head-less layer has no attention tensors at all in deci
-            yield p + "attn_norm.weight", _np(getattr(layer, fam.norms["attn_norm"]).weight)
-        for role, heads in roles:  # Q and K rows in llama.cpp's RoPE order, per layer's own head count
+        for name in fam.norms:  # a head-less layer (deci) has no attention tensors at all
+            if s.n_heads or not name.startswith("attn"):
+                yield f"{p}{name}.weight", _norm(fam, fam.norm(layer, name))
+        for role, heads in roles:  # Q and K rows in the architecture's RoPE order, per layer's own head count
             lin = fam.linear(layer, role)
             for kind in ("weight", "bias"):
                 t = getattr(lin, kind)
                 if t is not None:
-                    yield f"{p}{role}.{kind}", rope_permute(_np(t), heads) if heads else _np(t)
-        yield p + "ffn_norm.weight", _np(getattr(layer, fam.norms["ffn_norm"]).weight)
+                    yield f"{p}{role}.{kind}", rope_permute(_np(t), heads) if heads and permute else _np(t)
+        if fam.qk_norm and s.n_heads:  # one head_dim vector shared by every head: unaffected by pruning or RoPE order
+            yield p + "attn_q_norm.weight", _norm(fam, layer.self_attn.q_norm)
+            yield p + "attn_k_norm.weight", _norm(fam, layer.self_attn.k_norm)
         for role in ("ffn_gate", "ffn_up", "ffn_down"):
             lin = fam.linear(layer, role)
             yield f"{p}{role}.weight", _np(lin.weight)
             if lin.bias is not None:
                 yield f"{p}{role}.bias", _np(lin.bias)
-    yield "output_norm.weight", _np(m.norm.weight)
+    yield "output_norm.weight", _norm(fam, m.norm)
     if not _tied(model):  # tied: llama.cpp reuses token_embd as the output projection
         yield "output.weight", _np(model.lm_head.weight)
     freqs = _llama3_rope_freqs(model.config)
@@ -283,7 +316,7 @@ def write_gguf(model, tokenizer, path, arch: str, dtype: str, metadata: dict | N
     for key, value in metadata.items():
         _add_kv(w, key, value)
     n = 0
-    for name, arr in gguf_tensors(model, shapes):
+    for name, arr in gguf_tensors(model, shapes, arch):
         data, qtype = encode(name, arr, dtype)
         w.add_tensor(name, data, raw_dtype=qtype)
         n += 1
@@ -350,7 +383,7 @@ def write_hparams(w: gguf.GGUFWriter, model, shapes, arch: str, n_vocab: int) ->
     w.add_context_length(int(cfg.max_position_embeddings))
     w.add_embedding_length(int(cfg.hidden_size))
     w.add_vocab_size(int(n_vocab))
-    if arch == "llama":
+    if arch != "deci":  # the uniform architectures read scalars (layer 0's values for every layer)
         s = shapes[0]
         w.add_feed_forward_length(int(s.ffn))
         w.add_head_count(int(s.n_heads))
@@ -368,6 +401,22 @@ def write_hparams(w: gguf.GGUFWriter, model, shapes, arch: str, n_vocab: int) ->
     if _rope_type(cfg) == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    if family_of(model).sliding_layers:
+        write_sliding_window(w, cfg)
+    if getattr(cfg, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+
+
+def write_sliding_window(w: gguf.GGUFWriter, cfg) -> None:
+    """Gemma 3's window, its rotary base, and which layers use it, listed per layer: llama.cpp's
+    default rule (every 6th layer global) would be wrong once layers are dropped."""
+    types = list(getattr(cfg, "layer_types", None) or [])
+    window = getattr(cfg, "sliding_window", None)
+    if not window or "sliding_attention" not in types:
+        return
+    w.add_sliding_window(int(window))
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    w.add_rope_freq_base_swa(float(getattr(cfg, "rope_local_base_freq", 10000.0)))
 
 
 def _add_kv(w: gguf.GGUFWriter, key: str, value) -> None:

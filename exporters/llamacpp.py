@@ -81,6 +81,44 @@ def llamacpp_log():
         llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
 
 
+def extra_buffers_ok() -> bool:
+    """Whether llama.cpp may put weights in its extra CPU buffer types (AMX tiles, repacked Q4_0).
+
+    llama-cpp-python 0.3.36 built natively on a Xeon with AMX segfaults in llama_decode on every
+    quantized GGUF (SmolLM2's Q4_1 included) with them, and runs correctly without; so they are off
+    where the CPU reports AMX. EDGEPRUNE_LLAMACPP_EXTRA_BUFFERS=1 or 0 overrides the check."""
+    forced = os.environ.get("EDGEPRUNE_LLAMACPP_EXTRA_BUFFERS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return "amx_int8" not in f.read()
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool):
+    """llama_cpp.Llama takes no use_extra_bufts argument: patch the defaults it starts from."""
+    import llama_cpp.llama as llama_py
+
+    if use_extra_bufts:
+        yield
+        return
+    original = llama_py.llama_cpp.llama_model_default_params
+
+    def defaults():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    llama_py.llama_cpp.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        llama_py.llama_cpp.llama_model_default_params = original
+
+
 def open_llama(path, n_ctx: int = 512, n_threads: int | None = None, logits_all: bool = True, n_batch: int | None = None):
     """A llama_cpp.Llama on `path` (CPU), or a one-line EdgepruneError saying why llama.cpp refused it."""
     try:
@@ -89,7 +127,7 @@ def open_llama(path, n_ctx: int = 512, n_threads: int | None = None, logits_all:
         raise EdgepruneError("llama.cpp is needed here: pip install llama-cpp-python") from None
     threads = resolve_threads(n_threads)
     n_batch = n_batch or n_ctx
-    with llamacpp_log() as log:
+    with llamacpp_log() as log, _model_params(extra_buffers_ok()):
         try:
             return llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
@@ -201,6 +239,47 @@ def verify_gguf(model, tokenizer, path, dtype: str = "f32", windows=None, n_thre
                 f"{dtype} GGUF is implausibly far from torch: top-1 {top1:.4f} (sanity floor {MIN_TOP1_LOSSY[dtype]}), mean KL {kl:.3f}"
             )
     return report
+
+
+# A user's GGUF against the torch model transformers dequantizes from it. Both run the same
+# (quantized) weights, but llama.cpp also quantizes activations for its quantized matmuls, so they
+# differ a little: SmolLM2's Q4_1 and Gemma 3 270M's Q4_K_M agree on 88-95% of next-token argmaxes
+# and within 1% in NLL (measured on 256 tokens of the bundled WikiText-2 excerpt). A wrong
+# conversion (a missed norm offset, a mis-ordered head, another tokenizer) lands far outside.
+SOURCE_MIN_TOP1 = 0.75
+SOURCE_MAX_NLL_GAP = 0.05  # relative: |NLL torch - NLL llama.cpp| / NLL llama.cpp
+
+
+def source_agreement(model, tokenizer, path, n_tokens: int = 256, n_threads: int | None = None) -> dict:
+    """Tokenization, top-1 agreement and NLL of torch and llama.cpp on the same GGUF file and text;
+    raises VerificationError when they disagree (everything downstream is compared with that torch model)."""
+    from edgeprune.evaluate import compare_logits, log_softmax, token_windows, torch_logits_fn
+
+    window = token_windows(tokenizer, verification_text(), n_tokens, max_windows=1).numpy()
+    ids = window[0]
+    llm = open_llama(path, n_ctx=max(len(ids), 64), n_threads=n_threads)
+    try:
+        check_tokenizer(llm, tokenizer)  # a converted vocabulary that splits text differently fails here
+        ours = lambda t: _eval_logits(llm, t)  # noqa: E731
+        report = compare_logits(torch_logits_fn(model), ours, window)
+        nll = {}
+        for name, fn in (("torch", torch_logits_fn(model)), ("llama.cpp", ours)):
+            logp = log_softmax(fn(window[0])[:-1])
+            nll[name] = float(-logp[np.arange(len(ids) - 1), window[0][1:]].mean())
+    finally:
+        llm.close()
+    gap = abs(nll["torch"] - nll["llama.cpp"]) / max(nll["llama.cpp"], 1e-9)
+    out = {"tokens": len(ids), "top1_agreement": report["top1_agreement"], "nll_torch": nll["torch"],
+           "nll_llamacpp": nll["llama.cpp"], "nll_gap": gap}
+    if report["top1_agreement"] < SOURCE_MIN_TOP1 or gap > SOURCE_MAX_NLL_GAP:
+        raise VerificationError(
+            f"the torch model transformers builds from {Path(path).name} disagrees with llama.cpp on the same file "
+            f"(top-1 {report['top1_agreement']:.2f}, need >= {SOURCE_MIN_TOP1}; NLL {nll['torch']:.3f} vs "
+            f"{nll['llama.cpp']:.3f}, gap {gap:.1%}, need <= {SOURCE_MAX_NLL_GAP:.0%}): its conversion is wrong for "
+            "this architecture, so pruning it would be measured against the wrong model; use the original "
+            "Hugging Face checkpoint instead"
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

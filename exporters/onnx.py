@@ -1,13 +1,16 @@
 """ONNX export for onnxruntime: one KV-cache decoder graph, verified against torch before it is kept.
 
     export_onnx(model, tokenizer, out_dir, dtype="fp32" | "int8" | "int4" | "int4_b128") -> report dict
+    check_supported(model)                                     (raises EdgepruneError before any file)
     ort_logits_fn(dir), OnnxDecoder(dir), bench_onnx(dir)      (onnx_runtime.py, torch-free)
     python -m edgeprune.exporters.onnx bench DIR --threads 2   (one JSON line, clean RSS)
 
 The directory holds model.onnx + model.onnx_data (the graph and its weights), config.json,
 generation_config.json and the tokenizer (so optimum's ORTModelForCausalLM can load it where
-every layer keeps the dense KV-head count), and edgeprune_onnx.json: the true per-layer shapes,
-I/O names, dtype, quantization and the verification figures.
+every layer keeps the dense KV-head count), and edgeprune_onnx.json: the family and model_type,
+the true per-layer shapes and attention windows, I/O names, dtype, quantization and the
+verification figures. Every family of edgeprune.families exports (onnx_graph builds each one's
+norms, activation, rotary tables and masks), at per-layer shapes.
 
 Quantization is weight-only, block-wise (onnxruntime MatMulNBits, block 32, symmetric,
 accuracy_level 4 = int8 activations per block inside the kernel, which doubled int4 decode speed
@@ -63,10 +66,22 @@ KV_PREFILL = 16  # the KV check prefills this many tokens, then decodes one at a
 KV_STEPS = 32
 
 
+def check_supported(model) -> None:
+    """Raise a one-line EdgepruneError if the ONNX graph cannot represent `model`: an unknown
+    model_type (the families' error), attention logit softcapping, bidirectional attention, an
+    activation other than SiLU / GELU, a RoPE whose frequencies change with the length, a layer
+    kind other than full / sliding attention, or a layer without query or KV heads."""
+    from edgeprune.exporters import onnx_graph
+
+    onnx_graph.check_supported(model)
+    onnx_graph.layer_infos(model)
+
+
 def export_onnx(model, tokenizer, out_dir, dtype: str = "fp32", verify: bool = True, verify_windows=None, progress=None) -> dict:
     """Export `model` (in memory, possibly pruned) to `out_dir`; verify; swap into place atomically."""
     if dtype not in DTYPES:
         raise EdgepruneError(f"unknown ONNX dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    check_supported(model)  # before the temporary directory: a refusal leaves nothing behind
     say = progress or (lambda message: None)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -171,11 +186,19 @@ def _write_hf_files(model, tokenizer, tmp: Path) -> None:
 
 
 def _report(model, infos, dtype: str, quant: dict, tmp: Path, export_s: float) -> dict:
+    from edgeprune.families import family_of
+
     cfg = model.config
-    dense_kv = all(i.n_kv_heads == cfg.num_key_value_heads for i in infos)
+    # optimum sizes its empty KV cache from config.json: num_key_value_heads heads of
+    # hidden_size // num_attention_heads each (config.head_dim only for Gemma), so only dense KV
+    # heads of that width fit it
+    kv_dim = cfg.head_dim if getattr(cfg, "model_type", None) == "gemma3_text" else cfg.hidden_size // cfg.num_attention_heads
+    dense_kv = all(i.n_kv_heads == cfg.num_key_value_heads and i.head_dim == kv_dim for i in infos)
     files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
     return {
         "format": "onnx",
+        "family": family_of(model).name,
+        "model_type": getattr(cfg, "model_type", None),
         "dtype": dtype,
         "export_seconds": export_s,
         "size_mb": artifact_bytes(tmp) / 2**20,
@@ -184,7 +207,6 @@ def _report(model, infos, dtype: str, quant: dict, tmp: Path, export_s: float) -
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
         "tied_embeddings": model.lm_head.weight is model.model.embed_tokens.weight,
-        # optimum sizes its empty KV cache from config.json: only dense KV heads fit it
         "optimum_compatible": dense_kv,
         "quantization": quant or None,
     }

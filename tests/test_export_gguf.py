@@ -158,7 +158,7 @@ def test_dropped_bias_would_be_caught(llama_cpp, tok, windows, tmp_path, monkeyp
     # the check above is meaningful: a file without the compensation biases fails verification
     model = pruned_tiny(tok, down_bias=True, o_bias=True)
     real = G.gguf_tensors
-    monkeypatch.setattr(G, "gguf_tensors", lambda m, s: ((n, a) for n, a in real(m, s) if not n.endswith(".bias")))
+    monkeypatch.setattr(G, "gguf_tensors", lambda m, s, *rest: ((n, a) for n, a in real(m, s, *rest) if not n.endswith(".bias")))
     with pytest.raises(VerificationError, match="mean KL"):
         export(model, tok, tmp_path / "m.gguf", windows)
 
@@ -200,7 +200,7 @@ def test_rope_scaling(llama_cpp, tok, windows, tmp_path, monkeypatch, rope):
         from edgeprune.evaluate import compare_logits, torch_logits_fn
 
         real = G.gguf_tensors
-        monkeypatch.setattr(G, "gguf_tensors", lambda m, s: ((n, a) for n, a in real(m, s) if n != "rope_freqs.weight"))
+        monkeypatch.setattr(G, "gguf_tensors", lambda m, s, *rest: ((n, a) for n, a in real(m, s, *rest) if n != "rope_freqs.weight"))
         export(model, tok, tmp_path / "m2.gguf", windows, verify=False)
         fn = L.llamacpp_logits_fn(tmp_path / "m2.gguf", n_ctx=128, n_threads=THREADS)
         assert compare_logits(torch_logits_fn(model), fn, windows)["mean_kl"] > 100 * v["mean_kl"]
@@ -272,8 +272,8 @@ def test_verification_failure_leaves_no_file(llama_cpp, tok, windows, tmp_path, 
     model, _ = tiny_llama(tok)
     real = G.gguf_tensors
 
-    def corrupt(model, shapes):  # the file gets a different ffn_down than the torch model has
-        for name, arr in real(model, shapes):
+    def corrupt(model, shapes, *rest):  # the file gets a different ffn_down than the torch model has
+        for name, arr in real(model, shapes, *rest):
             yield name, (arr * 3.0 if name == "blk.1.ffn_down.weight" else arr)
 
     monkeypatch.setattr(G, "gguf_tensors", corrupt)
