@@ -228,13 +228,15 @@ def prune(
     seqlen: int = typer.Option(128, "--seqlen", help="calibration sequence length"),
     seed: int = typer.Option(0, "--seed"),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="re-apply this plan.json exactly instead of computing one (its recovery re-runs)"),
+    shapes: str = typer.Option("auto", "--shapes", help="per-layer, uniform (one FFN width and head count in every layer), or auto: "
+                               "per-layer where the model's GGUF architecture can hold it (Llama, Mistral, Qwen2), else uniform (Qwen3, Gemma 3)"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ):
     """Calibrate once, choose what to keep (per-layer FFN widths, KV groups, layers), prune, recover, and write a reloadable checkpoint."""
-    from edgeprune.prune import needs_gram, resolve_options
+    from edgeprune.prune import SHAPES, needs_gram, resolve_options
     from edgeprune.pipeline import calibration_pass, prune_and_save
     from edgeprune.plan import PrunePlan
     from edgeprune.prune import validate_sparsity
@@ -248,6 +250,10 @@ def prune(
     if plan is None:
         validate_sparsity(sparsity)
         opts = resolve_options(method.value, score, target, allocation, heads, recover, recover_args)
+    if shapes not in SHAPES:
+        raise EdgepruneError(f"--shapes must be one of {', '.join(SHAPES)}, got {shapes}")
+    if shapes == "uniform" and method.value == "flap":
+        raise EdgepruneError("--method flap gives each layer its own shape: use --method cfsp or uniform with --shapes uniform")
     _positive_finite("--temperature", temperature)
     if not 0.0 <= min_keep <= 1.0:
         raise EdgepruneError(f"--min-keep is a fraction of each block's channels, in [0, 1]; got {min_keep}")
@@ -273,7 +279,8 @@ def prune(
     outputs.check_out(out, force, "dir", inputs=(model, plan_file))
     args = dict(model=model, out=out, sparsity=sparsity, method=method.value, score=score, allocation=allocation, heads=heads,
                 recover=recover, lora_steps=lora_steps, lora_rank=lora_rank, drop_layers=drop_layers, target=target, align=align,
-                temperature=temperature, min_keep=min_keep, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, plan=plan_file)
+                temperature=temperature, min_keep=min_keep, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, plan=plan_file,
+                shapes=shapes)
     report = run_header("prune", args)
     t0 = time.perf_counter()
     lm = _load(model, device, dtype)
@@ -296,7 +303,7 @@ def prune(
         pruned, plan, report = prune_and_save(
             lm, stats, out, plan=plan, report=report, ids=ids, progress=bar, sparsity=sparsity, method=method.value, target=target,
             allocation=allocation, score=score, heads=heads, drop_layers=drop_layers, align=align, temperature=temperature,
-            min_keep=min_keep, seed=seed, recover=recover, recover_args=recover_args, inplace=True)
+            min_keep=min_keep, seed=seed, recover=recover, recover_args=recover_args, shapes=shapes, inplace=True)
     if json_out:
         ui.print_json(report)
         return
@@ -309,7 +316,8 @@ def prune(
     if m.get("heads"):
         ui.out.print(f"KV groups kept: {' '.join(str(s['n_kv_heads']) for s in written)}")
     if m.get("method"):
-        line = f"method {m['method']} (score {m.get('score')}, allocation {m.get('allocation')}), recovery {m.get('recover', 'none')}"
+        line = (f"method {m['method']} (score {m.get('score')}, allocation {m.get('allocation')}, {m.get('shapes', 'per-layer')} shapes), "
+                f"recovery {m.get('recover', 'none')}")
         lora = (report.get("recovery") or {}).get("lora")
         if lora:
             line += (f"; LoRA {lora['steps']} steps in {lora['seconds']:.0f}s, calibration loss "

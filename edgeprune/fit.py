@@ -23,6 +23,7 @@ from edgeprune.artifacts import export_artifact, runtime_logits_fn
 from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
 from edgeprune.budget import achieved
 from edgeprune.calibrate import calibrate
+from edgeprune.families import family_of
 from edgeprune.data import calibration_ids
 from edgeprune.errors import EdgepruneError
 from edgeprune.exporters.common import atomic_file
@@ -134,8 +135,12 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
 
     t = time.perf_counter()
     menu = search.mixes(dtype_order, fmt)
+    shapes = structure_shapes(lm.model, formats)
+    report["shapes"] = shapes
+    if shapes["shapes"] == "uniform":
+        log(f"structures: {shapes['why']}")
     candidates = search.enumerate_candidates(lm.model, stats, base, profile, menu, targets, profile.export.width_multiple, seed=seed,
-                                             imatrix=use_imatrix)
+                                             imatrix=use_imatrix, shapes=shapes["shapes"])
     timings["enumerate_s"] = time.perf_counter() - t
     report["dense"] = {c.mix: c.to_dict() for c in candidates if c.plan is None}
     for c in candidates:
@@ -242,7 +247,10 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
 
     report["result"] = {"ok": True, "chosen": chosen.to_dict(), "why": why, "checkpoint": str(out / "model"),
                         "artifacts": {k: v for k, v in artifacts.items() if k != "imatrix"}, "imatrix": artifacts.get("imatrix"),
-                        "plan": {"widths": plan.widths(), "dropped_layers": plan.dropped_layers, "achieved": plan.achieved}}
+                        "plan": {"widths": plan.widths(), "dropped_layers": plan.dropped_layers, "achieved": plan.achieved},
+                        "speed_bound": latency.speed_bound(search.geometry_of(lm.model, chosen.plan), chosen.dtype,
+                                                           "llama.cpp" if fmt == "gguf" else "onnxruntime", chosen.head)}
+    log("what bounds decode: " + report["result"]["speed_bound"]["says"])
     _finish(out, report, timings, t_start, candidates, chosen, targets, profile)
     return report, 0
 
@@ -278,6 +286,18 @@ def _dense_mixes(lm, fmt, mixes, imatrix, dense_lp, held, seqlen, tmp: Path, log
         if progress:
             progress(n + 1, len(mixes))
     return exports, quant
+
+
+def structure_shapes(model, formats) -> dict:
+    """Which structures fit may search: only those every export target can load. A GGUF of a family
+    without a per-layer llama.cpp architecture (Qwen3, Gemma 3) needs one shape in every layer."""
+    family = family_of(model)
+    if "gguf" in formats and not family.per_layer_gguf:
+        return {"shapes": "uniform", "why": f"llama.cpp's {family.uniform_arch} graph builds every layer from layer 0's "
+                                           "shape, so every layer keeps the same FFN width (CFSP's scores still choose "
+                                           "which channels; the coarse allocation is uniform)"}
+    return {"shapes": "per-layer", "why": "the export targets hold per-layer widths"
+            + (f" (GGUF as llama.cpp's {family.per_layer_arch})" if "gguf" in formats else "")}
 
 
 def _ship(model, tokenizer, chosen, fmt, formats, imatrix, out: Path, log) -> dict:

@@ -75,6 +75,10 @@ def markdown(report: dict) -> str:
         ch = res["chosen"]
         lines.append(f"**Chosen:** {ch['label']} ({res.get('why', '')}) — quality proxy KL {ch['quality_kl']:.4f}; "
                      f"widths {res['plan']['widths']}; dropped layers {res['plan']['dropped_layers']}.")
+        if res.get("speed_bound"):
+            lines.append(f"- what bounds decode: {res['speed_bound']['says']}.")
+        if report.get("shapes"):
+            lines.append(f"- structures searched: {report['shapes']['shapes']} ({report['shapes']['why']}).")
         for f, art in res["artifacts"].items():
             b = art["bench"]
             v = art["export"].get("verification", {})

@@ -156,6 +156,22 @@ def byte_counts(geometry: ModelGeometry, dtype: str, backend: str = "llama.cpp",
     return ByteCounts(layer_bytes, small, head, _tensor_bytes(emb_st, 1, g.hidden), emb_stored, kv, storage)
 
 
+def speed_bound(geometry: ModelGeometry, dtype: str, backend: str = "llama.cpp", head_dtype: str | None = None,
+                context: int = 512) -> dict:
+    """What a decoded token reads, by part: the decoder layers (what pruning shrinks) against the
+    output projection and embedding row (what it never shrinks) and the KV cache at `context`."""
+    b = byte_counts(geometry, dtype, backend, head_dtype=head_dtype)
+    parts = {"decoder_layers": b.layers + b.small, "output_projection": b.head, "embedding_row": b.embedding_row,
+             "kv_cache": b.kv_per_token * context}
+    total = sum(parts.values())
+    share = {k: v / total for k, v in parts.items()}
+    bound = max(share, key=share.get)
+    return {"bytes": parts, "share": share, "bound": bound,
+            "says": f"{share['decoder_layers']:.0%} of the bytes a decoded token reads are decoder layers, "
+                    f"{share['output_projection'] + share['embedding_row']:.0%} the (never pruned) output projection and "
+                    f"embedding row, {share['kv_cache']:.0%} the KV cache at {context} tokens"}
+
+
 def export_problem(geometry: ModelGeometry, dtype: str) -> str | None:
     """Why `geometry` cannot be exported as GGUF `dtype` (block sizes), or None when it can.
 

@@ -178,6 +178,17 @@ def _fix_tokenizer_from_gguf(tokenizer, path: Path):
     return tokenizer
 
 
+def _gguf_config_fixes(path: Path) -> dict:
+    """Config values transformers 4.57's GGUF reader leaves at the class default although the file
+    says otherwise: Qwen3's head size (key_length; the default 128 fits the released models only)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    key_length = _gguf_field(reader, f"{arch}.attention.key_length")
+    return {"head_dim": int(key_length)} if arch == "qwen3" and key_length else {}
+
+
 # Bump when the conversion changes, so stale cached conversions are not reused.
 _CONVERSION_VERSION = "3"  # 3: SentencePiece-BPE vocabularies rebuilt as BPE (gguf_vocab.py)
 
@@ -197,8 +208,17 @@ def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:
 
     if progress:
         progress(f"converting {path.name} to a torch checkpoint (once; cached in {target})")
-    tokenizer = _fix_tokenizer_from_gguf(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False), path)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise EdgepruneError(f"transformers cannot read the tokenizer of {path.name} ({first_line(exc)}): "
+                             "use the model's Hugging Face directory instead") from None
+    tokenizer = _fix_tokenizer_from_gguf(tokenizer, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False, **_gguf_config_fixes(path))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EdgepruneError(f"transformers cannot convert {path.name} to a torch model: {first_line(exc)}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     from edgeprune import outputs
 

@@ -106,9 +106,10 @@ def geometry_of(model, plan: PrunePlan | None) -> ModelGeometry:
 
 def enumerate_candidates(model, stats, base: dict, profile, mix_menu, targets, align: int, seed: int = 0,
                          sparsities=SPARSITY_GRID, drops=DROP_GRID, allocation="cfsp", score="cfsp",
-                         imatrix: bool = True) -> list[Candidate]:
+                         imatrix: bool = True, shapes: str = "per-layer") -> list[Candidate]:
     """Every (structure, mix) with its predicted latency and memory on `profile`; `mix_menu` is
-    `mixes(...)`'s (dtype, head override) pairs."""
+    `mixes(...)`'s (dtype, head override) pairs. shapes "uniform": only structures whose layers
+    share one shape (what a GGUF of Qwen3 or Gemma 3 can load)."""
     n_layers = model.config.num_hidden_layers
     plans: dict[tuple[float, int], PrunePlan | None] = {}
     for drop in drops:
@@ -121,7 +122,7 @@ def enumerate_candidates(model, stats, base: dict, profile, mix_menu, targets, a
                 continue
             try:
                 plans[(p, drop)] = make_plan(model, stats, base, p, method=allocation, score=score,
-                                             drop_layers=drop, align=align, seed=seed)
+                                             drop_layers=drop, align=align, seed=seed, shapes=shapes)
             except EdgepruneError:
                 continue  # e.g. dropping layers alone already removes more than p asks
     out = []
