@@ -8,6 +8,10 @@ and KL against the dense torch fp32 model. Prints a table and writes
 benchmarks/results/shipped_quality.json.
 
     python benchmarks/shipped_quality.py --profiles raspberrypi5,raspberrypi5@80,orangepi5 --windows 16
+    python benchmarks/shipped_quality.py --model gemma3-270m --profiles raspberrypi5@36 --windows 8
+
+With `--model` other than the default, results go to shipped_quality_<model>.json and the model's
+own GGUF (Gemma 3's Q4_K_M) is scored as a third baseline.
 
 `NAME@X` runs profile NAME with `--min-tokens-per-s X` (a tighter target on the same board). The
 shipped profiles other than raspberrypi5 are sized for 1B-class models, so SmolLM2 meets them
@@ -52,9 +56,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "edgeprune-shipped-quality",
                     help="where the fits write their artifacts (hundreds of MB; only the reports are kept in results/)")
     ap.add_argument("--reuse", action="store_true", help="read finished fits under --out instead of running them")
+    ap.add_argument("--model", default="smollm2-135m", help="model spec (smollm2-135m, gemma3-270m, a .gguf, ...)")
     args = ap.parse_args(argv)
 
-    lm = load_model()
+    lm = load_model(args.model)
+    tag = "" if args.model == "smollm2-135m" else "_" + Path(args.model).name.replace(".gguf", "")
     text = load_text(DATA / "wikitext2-test.raw")
     windows = token_windows(lm.tokenizer, text, 512, max_windows=args.windows).numpy()
     refs = shipped.dense_reference(lm.model, windows)
@@ -68,6 +74,9 @@ def main(argv=None) -> int:
             quantize_gguf(f32, path, d, tied=True)
             record[f"dense_{d}"] = score(path, windows, refs)
             print(f"dense {d} (llama.cpp default): ppl {record[f'dense_{d}']['ppl']:.2f}", flush=True)
+    if str(lm.source).endswith(".gguf") and tag:
+        record["source_gguf"] = {"path": str(lm.source), **score(lm.source, windows, refs)}
+        print(f"the model's own GGUF: ppl {record['source_gguf']['ppl']:.2f}", flush=True)
     for name in args.profiles.split(","):
         profile, _, tok_s = name.partition("@")
         out = args.out / name.replace("@", "-at-")
@@ -75,9 +84,9 @@ def main(argv=None) -> int:
         if args.reuse:
             report = json.loads((out / "report.json").read_text())
         else:
-            report, _ = run_fit("smollm2-135m", profile, out, min_tok_s=float(tok_s) if tok_s else None,
+            report, _ = run_fit(args.model, profile, out, min_tok_s=float(tok_s) if tok_s else None,
                                 log=lambda m: print(f"[{name}] {m}", flush=True))
-        keep = HERE / "results" / "shipped_quality" / name.replace("@", "-at-")
+        keep = HERE / "results" / "shipped_quality" / (tag.lstrip("_") + ("-" if tag else "") + name.replace("@", "-at-"))
         keep.mkdir(parents=True, exist_ok=True)
         for f in ("report.json", "report.md", "frontier.png"):
             shutil.copyfile(out / f, keep / f)
@@ -101,7 +110,10 @@ def main(argv=None) -> int:
     for name, r in record["profiles"].items():
         q = r["wikitext2_test"]
         print(f"{name + ': ' + r['chosen']:58s} {q['ppl']:8.2f} {q['ppl'] / base:7.3f} {q['top1_vs_dense']:6.3f} {r['predicted_decode_tok_s']:10.1f}")
-    path = HERE / "results" / "shipped_quality.json"
+    if "source_gguf" in record:
+        r = record["source_gguf"]
+        print(f"{'the model own GGUF':58s} {r['ppl']:8.2f} {r['ppl'] / base:7.3f} {r['top1_vs_dense']:6.3f}")
+    path = HERE / "results" / f"shipped_quality{tag}.json"
     path.write_text(json.dumps(record, indent=1, default=str) + "\n")
     print(f"wrote {path}")
     return 0

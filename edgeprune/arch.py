@@ -1,7 +1,8 @@
-"""Per-layer shapes of a (possibly pruned) Llama-family model, read from and written to its modules.
+"""Per-layer shapes of a (possibly pruned) decoder of any family (edgeprune.families), read from
+and written to its modules.
 
-A pruned model is a stock `LlamaForCausalLM` whose `nn.Linear` modules have different sizes in
-different layers. The modules are the truth: exporters read shapes from them, and loaders
+A pruned model is a stock transformers model (LlamaForCausalLM, Qwen3ForCausalLM, ...) whose
+`nn.Linear` modules have different sizes in different layers. The modules are the truth: exporters read shapes from them, and loaders
 rebuild them from a list of `LayerShape` before loading weights (never `ignore_mismatched_sizes`).
 """
 

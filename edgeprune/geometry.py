@@ -29,7 +29,7 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class ModelGeometry:
-    """Everything the latency model needs to know about a (possibly pruned) Llama-family model.
+    """Everything the latency model needs to know about a (possibly pruned) decoder of any family.
 
     `layers` holds the kept decoder layers in order (dropped layers are simply absent). A layer
     with n_heads == 0 has no attention; one with ffn == 0 has no FFN.

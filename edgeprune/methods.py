@@ -2,7 +2,7 @@
 global ranking (`flap_plan`). `edgeprune.prune.make_plan` is the one entry point that dispatches
 here; the budget comes from budget.py. Recovery (what happens to the weights after removal) lives in recover.py; a plan
 records which recovery it wants in `plan.method["recover"]` and carries the bias flags that
-recovery needs, so checkpoints reload as stock LlamaForCausalLM with optional biases.
+recovery needs, so checkpoints reload as stock transformers models (any family) with optional biases.
 
 Budget (budget.py): `sparsity` p removes p x (dense FFN parameters) with target "ffn", or
 p x (dense attention + FFN parameters) with target "linear" (FLAP's default and the benchmarks').

@@ -152,7 +152,8 @@ def _fix_tokenizer_from_gguf(tokenizer, path: Path):
         from edgeprune.gguf_vocab import spm_bpe_backend
 
         add_bos = bool(_gguf_field(reader, "tokenizer.ggml.add_bos_token"))
-        rebuilt = PreTrainedTokenizerFast(tokenizer_object=spm_bpe_backend(reader, add_bos))
+        rebuilt = PreTrainedTokenizerFast(tokenizer_object=spm_bpe_backend(reader, add_bos),
+                                          model_input_names=["input_ids", "attention_mask"])
         for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
             if getattr(tokenizer, name, None) is not None:
                 setattr(rebuilt, name, getattr(tokenizer, name))
@@ -190,7 +191,7 @@ def _gguf_config_fixes(path: Path) -> dict:
 
 
 # Bump when the conversion changes, so stale cached conversions are not reused.
-_CONVERSION_VERSION = "3"  # 3: SentencePiece-BPE vocabularies rebuilt as BPE (gguf_vocab.py)
+_CONVERSION_VERSION = "4"  # 4: SentencePiece-BPE vocabularies rebuilt as BPE (gguf_vocab.py)
 
 
 def _gguf_to_hf_dir(path: Path, digest: str, progress=None) -> Path:

@@ -134,7 +134,7 @@ def make_plan(
     seed: int = 0,
     recover: str | None = None,
     recover_args: dict | None = None,
-    shapes: str = "per-layer",
+    shapes: str = "auto",
 ) -> PrunePlan:
     """A PrunePlan for any method; `recover` (None = the method's native one) is recorded in it.
 

@@ -126,6 +126,7 @@ def env(tiny_dir, tmp_path_factory):
     (evil_type / "evil.py").write_text(EVIL_CODE)
     p["evil_type"] = evil_type
     p["config_list"] = edit_config("config_list", lambda c: [c])
+    p["gemma3_vlm"] = edit_config("gemma3_vlm", lambda c: {**c, "model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}})
     bad_json = model_copy("bad_json")
     (bad_json / "config.json").write_text("{not json")
     p["bad_json"] = bad_json
@@ -237,6 +238,7 @@ CASES = [
     ("model-no-model-type", "eval {no_model_type} --text {txt}", 2, "no model_type"),
     ("model-remote-code-type", "eval {evil_type} --text {txt}", 2, "unsupported architecture"),
     ("model-config-list", "eval {config_list} --text {txt}", 2, "not a JSON object"),
+    ("model-gemma3-vision", "eval {gemma3_vlm} --text {txt}", 2, "text-only Gemma3ForCausalLM"),
     ("model-config-bad-json", "eval {bad_json} --text {txt}", 2, "not readable JSON"),
     ("model-empty-dir", "eval {empty_dir} --text {txt}", 2, "no config.json"),
     ("model-random-gguf", "eval {random_gguf} --text {txt}", 2, "corrupt GGUF"),
@@ -244,6 +246,8 @@ CASES = [
     ("model-deci-gguf", "eval {deci_gguf} --text {txt}", 2, "unsupported GGUF architecture"),
     ("model-cache-truncated", "eval {cached_gguf} --text {txt}", 2, "cache"),
     # prune: --out must never destroy anything
+    ("prune-shapes-ragged", "prune {T} --out {case}/p --shapes ragged", 2, "--shapes must be one of"),
+    ("prune-shapes-uniform-flap", "prune {T} --out {case}/p --shapes uniform --method flap", 2, "--method flap"),
     ("prune-out-user-dir", "prune {T} --out {case}/mine", 2, "already exists"),
     ("prune-out-user-dir-force", "prune {T} --out {case}/mine --force", 2, "not written by edgeprune"),
     ("prune-out-user-file", "prune {T} --out {case}/notes.md", 2, "existing file"),
