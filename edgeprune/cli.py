@@ -318,6 +318,9 @@ def prune(
     if m.get("method"):
         line = (f"method {m['method']} (score {m.get('score')}, allocation {m.get('allocation')}, {m.get('shapes', 'per-layer')} shapes), "
                 f"recovery {m.get('recover', 'none')}")
+        lstsq = (report.get("recovery") or {}).get("lstsq") or {}
+        if lstsq.get("summary"):
+            line += f"; {lstsq['summary']}"
         lora = (report.get("recovery") or {}).get("lora")
         if lora:
             line += (f"; LoRA {lora['steps']} steps in {lora['seconds']:.0f}s, calibration loss "
@@ -628,15 +631,22 @@ def run(argv: list[str] | None = None) -> int:
         ui.error(exc)
         code = exc.exit_code
     except (outputs.Interrupted, KeyboardInterrupt) as exc:
-        outputs.cleanup()
-        name = f"{exc}" if isinstance(exc, outputs.Interrupted) else "SIGINT"
-        ui.err.print(f"[red]interrupted[/red] ({name}): stopped; no partial or temporary files were left")
-        code = exc.exit_code if isinstance(exc, outputs.Interrupted) else 130
+        code = _interrupted(exc)
     except Exception as exc:
-        code = _failure(exc)
+        signalled = outputs.interrupted_by()  # e.g. an ImportError from a signal during an import
+        code = _interrupted(signalled) if signalled else _failure(exc)
     finally:
         outputs.cleanup(failed=False)
     return code
+
+
+def _interrupted(exc: BaseException) -> int:
+    from edgeprune import outputs
+
+    outputs.cleanup()
+    name = f"{exc}" if isinstance(exc, outputs.Interrupted) else "SIGINT"
+    ui.err.print(f"[red]interrupted[/red] ({name}): stopped; no partial or temporary files were left")
+    return exc.exit_code if isinstance(exc, outputs.Interrupted) else 130
 
 
 def _failure(exc: Exception) -> int:

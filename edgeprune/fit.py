@@ -388,7 +388,8 @@ def _finish(out: Path, report: dict, timings: dict, t_start: float, candidates, 
 def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log, kd_seconds=None):
     """Prune the chosen plan, trying each closed-form recovery in `recoveries` (["lstsq", "bias"]): keep
     the one with the lowest held-out KL, or none. Closed-form recovery can overfit a small calibration
-    set (lstsq wants ~10x the FFN width in tokens), so held-out text decides, not the calibration fit.
+    set, so held-out text decides, not the calibration fit (lstsq also picks its ridge per block on
+    held-out calibration rows and leaves a block unchanged when no ridge helps there).
     With "kd" in `recoveries`, distillation from the dense model then runs on top of the kept one
     (time-boxed by `kd_seconds`) and is kept only when it lowers the held-out KL too. The dense
     model is never pruned in place here: it is the teacher and the reference."""
@@ -402,9 +403,10 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
     for name in [r for r in recoveries if r != "kd"]:
         last = trial = None  # free the previous trial before building the next
         plan = with_recovery(chosen.plan, name)
-        trial, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
+        trial, plan, rep = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
         tried[name] = search.kl_to_dense(dense_lp, trial, held)
-        log(f"recovery {name}: held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}")
+        summary = (rep.get("recovery") or {}).get(name, {}).get("summary")
+        log(f"recovery {name}: held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}" + (f" ({summary})" if summary else ""))
         last = (name, trial, plan)
     best = min(tried, key=tried.get)
     if "kd" in recoveries:

