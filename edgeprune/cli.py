@@ -677,7 +677,21 @@ def _failure(exc: Exception) -> int:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter must not precede our one line
-    sys.exit(run())
+    code = run()
+    if outputs_interrupted():
+        # Cleanup is done and the line is printed. An extension interrupted mid-call (a torch or
+        # tokenizers thread) can abort the interpreter's finalisation, turning 130/143 into a
+        # SIGABRT: leave without finalising.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def outputs_interrupted() -> bool:
+    from edgeprune import outputs
+
+    return outputs.interrupted_by() is not None
 
 
 if __name__ == "__main__":
