@@ -158,7 +158,8 @@ def make_plan(
         plan = methods.flap_plan(model, stats, base, heads=opts["heads"], **common)
     else:
         plan = methods.ranked_plan(model, stats, base, opts["allocation"], opts["score"], opts["heads"], uniform=uniform, **common)
-    plan.method.update({"method": method, "allocation": opts["allocation"], "score": opts["score"], "heads": opts["heads"]})
+    plan.method.update({"method": method, "allocation": "uniform" if uniform else opts["allocation"], "score": opts["score"],
+                        "heads": opts["heads"]})
     plan = with_recovery(plan, opts["recover"], opts["recover_args"])
     plan.achieved = achieved(model, plan)
     if opts["heads"]:

@@ -45,6 +45,7 @@ def test_family_prunes_reloads_and_exports_gguf(family, tok, windows, tmp_path, 
     dense, pruned, plan = _pruned(family, tok)
     shapes = layer_shapes(pruned)
     assert plan.method["shapes"] == ("per-layer" if PER_LAYER[family] else "uniform")
+    assert plan.method["allocation"] == ("cfsp" if PER_LAYER[family] else "uniform")  # said in the plan
     if not PER_LAYER[family]:  # one shape in every layer, as llama.cpp's qwen3/gemma3 graphs need
         assert len({(s.n_heads, s.n_kv_heads, s.ffn) for s in shapes}) == 1
     assert sum(s.ffn for s in shapes) < 6 * 256 and len(shapes) == 5
