@@ -236,7 +236,7 @@ def prune(
     json_out: bool = JsonOpt,
 ):
     """Calibrate once, choose what to keep (per-layer FFN widths, KV groups, layers), prune, recover, and write a reloadable checkpoint."""
-    from edgeprune.prune import SHAPES, needs_gram, resolve_options
+    from edgeprune.prune import check_shapes, needs_gram, resolve_options
     from edgeprune.pipeline import calibration_pass, prune_and_save
     from edgeprune.plan import PrunePlan
     from edgeprune.prune import validate_sparsity
@@ -250,10 +250,7 @@ def prune(
     if plan is None:
         validate_sparsity(sparsity)
         opts = resolve_options(method.value, score, target, allocation, heads, recover, recover_args)
-    if shapes not in SHAPES:
-        raise EdgepruneError(f"--shapes must be one of {', '.join(SHAPES)}, got {shapes}")
-    if shapes == "uniform" and method.value == "flap":
-        raise EdgepruneError("--method flap gives each layer its own shape: use --method cfsp or uniform with --shapes uniform")
+    check_shapes(shapes, method.value)
     _positive_finite("--temperature", temperature)
     if not 0.0 <= min_keep <= 1.0:
         raise EdgepruneError(f"--min-keep is a fraction of each block's channels, in [0, 1]; got {min_keep}")
@@ -677,8 +674,10 @@ def _failure(exc: Exception) -> int:
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library chatter must not precede our one line
+    from edgeprune import outputs
+
     code = run()
-    if outputs_interrupted():
+    if outputs.interrupted_by():
         # Cleanup is done and the line is printed. An extension interrupted mid-call (a torch or
         # tokenizers thread) can abort the interpreter's finalisation, turning 130/143 into a
         # SIGABRT: leave without finalising.
@@ -686,12 +685,6 @@ def main() -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def outputs_interrupted() -> bool:
-    from edgeprune import outputs
-
-    return outputs.interrupted_by() is not None
 
 
 if __name__ == "__main__":

@@ -140,8 +140,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     if shapes["shapes"] == "uniform":
         log(f"structures: {shapes['why']}")
     family = family_of(lm.model)
-    if "bias" in recoveries and "gguf" in formats and family.per_layer_arch is None and \
-            not {"attn_output", "ffn_down"} <= set(family.uniform_biases):
+    if "bias" in recoveries and "gguf" in formats and not family.gguf_reads({"attn_output", "ffn_down"}):
         recoveries = [r for r in recoveries if r != "bias"]
         log(f"recovery bias skipped: llama.cpp's {family.uniform_arch} graph reads no o/down-projection biases")
     candidates = search.enumerate_candidates(lm.model, stats, base, profile, menu, targets, profile.export.width_multiple, seed=seed,

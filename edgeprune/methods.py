@@ -124,6 +124,25 @@ def _uniform_shapes(n, n_kv, n_layers, heads, keep_mean, keep_params, attn_full,
     return [kv] * n_layers, [width] * n_layers
 
 
+def _per_layer_shapes(allocation, stats, kept, heads, n, n_kv, keep_params, kept_full, attn_full, kv_unit, ch_unit, align,
+                      temperature, min_keep):
+    """KV groups and FFN widths per kept layer from the allocation's keep ratios (CFSP: block importance)."""
+    ratios = _ratios(allocation, stats, kept, keep_params / kept_full, temperature, min_keep)
+    kv_counts = [n_kv] * len(kept)
+    if heads:
+        kv_counts = [n_kv if i == 0 else min(n_kv, max(1, _round_half_up(r * n_kv))) for i, r in zip(kept, ratios)]
+        # attention alone must not remove more than the budget: give groups back to the best-kept layers
+        while attn_full - sum(n_kv - c for c in kv_counts) * kv_unit + n * len(kept) * ch_unit < keep_params and \
+                any(c < n_kv for c in kv_counts):
+            j = max((j for j, c in enumerate(kv_counts) if c < n_kv), key=lambda j: (ratios[j], -j))
+            kv_counts[j] += 1
+    attn_kept = attn_full - sum(n_kv - c for c in kv_counts) * kv_unit
+    ffn_budget = min(int(round((keep_params - attn_kept) / ch_unit)), n * len(kept))
+    if not heads:  # FFN-only: CFSP's ratios around the FFN keep mean
+        ratios = _ratios(allocation, stats, kept, ffn_budget / (n * len(kept)), temperature, min_keep)
+    return kv_counts, allocate.round_widths(ratios, n, align, ffn_budget, min_width=int(np.ceil(min_keep * n)))
+
+
 def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed,
                 uniform: bool = False):
     """uniform: every kept layer gets the same FFN width and KV groups (the allocation is uniform)."""
@@ -135,24 +154,11 @@ def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, 
     kept_full = sum(budget.layer_linear(layers[i]) for i in kept)
     if uniform:
         allocation = "uniform"
-    ratios = _ratios(allocation, stats, kept, keep_params / kept_full, temperature, min_keep)
-    kv_counts = [n_kv] * len(kept)
-    if uniform:
         kv_counts, widths = _uniform_shapes(n, n_kv, len(kept), heads, keep_params / kept_full, keep_params, attn_full,
                                             kv_unit, ch_unit, align, min_keep)
-    elif heads:
-        kv_counts = [n_kv if i == 0 else min(n_kv, max(1, _round_half_up(r * n_kv))) for i, r in zip(kept, ratios)]
-        # attention alone must not remove more than the budget: give groups back to the best-kept layers
-        while attn_full - sum(n_kv - c for c in kv_counts) * kv_unit + n * len(kept) * ch_unit < keep_params and \
-                any(c < n_kv for c in kv_counts):
-            j = max((j for j, c in enumerate(kv_counts) if c < n_kv), key=lambda j: (ratios[j], -j))
-            kv_counts[j] += 1
-    if not uniform:
-        attn_kept = attn_full - sum(n_kv - c for c in kv_counts) * kv_unit
-        ffn_budget = min(int(round((keep_params - attn_kept) / ch_unit)), n * len(kept))
-        if not heads:  # FFN-only: CFSP's ratios around the FFN keep mean
-            ratios = _ratios(allocation, stats, kept, ffn_budget / (n * len(kept)), temperature, min_keep)
-        widths = allocate.round_widths(ratios, n, align, ffn_budget, min_width=int(np.ceil(min_keep * n)))
+    else:
+        kv_counts, widths = _per_layer_shapes(allocation, stats, kept, heads, n, n_kv, keep_params, kept_full, attn_full,
+                                              kv_unit, ch_unit, align, temperature, min_keep)
     layer_plans = []
     for i, width, kv in zip(kept, widths, kv_counts):
         layer, block = layers[i], stats.blocks[i]

@@ -95,14 +95,22 @@ def resolve_options(method: str = "cfsp", score: str | None = None, target: str 
             "recover": "+".join(steps) or "none", "recover_args": recover_args}
 
 
-def resolve_shapes(shapes: str, model=None, family=None) -> str:
-    """"per-layer" or "uniform"; "auto" asks the model's family whether its GGUF can hold per-layer shapes."""
+def check_shapes(shapes: str, method: str = "cfsp") -> None:
+    """The --shapes value is known and the method can honour it (checked before any model loads)."""
     if shapes not in SHAPES:
         raise EdgepruneError(f"--shapes must be one of {', '.join(SHAPES)}, got {shapes}")
-    if shapes != "auto":
-        return shapes
-    family = family or family_of(model)
-    return "per-layer" if family.per_layer_gguf else "uniform"
+    if shapes == "uniform" and method == "flap":
+        raise EdgepruneError("--method flap ranks every layer's units together and gives each layer its own shape: "
+                             "use --method cfsp or uniform for --shapes uniform (or --shapes per-layer and export ONNX)")
+
+
+def resolve_shapes(shapes: str, model=None, family=None, method: str = "cfsp") -> str:
+    """"per-layer" or "uniform"; "auto" asks the model's family whether its GGUF can hold per-layer shapes."""
+    check_shapes(shapes, method)
+    if shapes == "auto":
+        shapes = "per-layer" if (family or family_of(model)).per_layer_gguf else "uniform"
+        check_shapes(shapes, method)  # auto may have chosen uniform for a method that cannot honour it
+    return shapes
 
 
 def needs_gram(method: str = "cfsp", score: str | None = None, recover: str | None = None) -> bool:
@@ -144,22 +152,20 @@ def make_plan(
     or "auto" (uniform when the model's family has no GGUF architecture for per-layer shapes)."""
     validate_sparsity(sparsity)
     opts = resolve_options(method, score, target, allocation, heads, recover, recover_args)
-    uniform = resolve_shapes(shapes, model) == "uniform"
+    uniform = resolve_shapes(shapes, model, method=method) == "uniform"
     if drop_layers is None:
         drop_layers = default_drop_layers(method, len(arch.layers(model)))
     if opts["score"] == "condition" and stats.blocks and stats.blocks[0].ffn.gram is None:
         raise EdgepruneError("the condition score needs Gram matrices: calibrate with gram=True")
     common = dict(sparsity=sparsity, target=opts["target"], drop_layers=drop_layers, align=align,
                   temperature=temperature, min_keep=min_keep, seed=seed)
+    if uniform:
+        opts["allocation"] = "uniform"  # one shape everywhere: the method's scores still choose what stays
     if method == "flap":
-        if uniform:
-            raise EdgepruneError("--method flap ranks every layer's units together and gives each layer its own shape: "
-                                 "use --method cfsp or uniform for --shapes uniform (or --shapes per-layer and export ONNX)")
         plan = methods.flap_plan(model, stats, base, heads=opts["heads"], **common)
     else:
         plan = methods.ranked_plan(model, stats, base, opts["allocation"], opts["score"], opts["heads"], uniform=uniform, **common)
-    plan.method.update({"method": method, "allocation": "uniform" if uniform else opts["allocation"], "score": opts["score"],
-                        "heads": opts["heads"]})
+    plan.method.update({"method": method, "allocation": opts["allocation"], "score": opts["score"], "heads": opts["heads"]})
     plan = with_recovery(plan, opts["recover"], opts["recover_args"])
     plan.achieved = achieved(model, plan)
     if opts["heads"]:

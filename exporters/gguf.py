@@ -90,7 +90,7 @@ def export_gguf(
     say = progress or (lambda msg: None)
     dtype = dtypes.normalize(dtype, "gguf")
     shapes = layer_shapes(model)
-    arch = choose_arch(shapes, family_of(model), model_biases(model), model.config.hidden_size // _head_dim(model))
+    arch = model_arch(model, shapes)
     check_shapes(model, shapes)
     quantized = dtype not in DIRECT_TYPES
     if overrides and not quantized:
@@ -152,6 +152,11 @@ def choose_arch(shapes, family=None, biases: frozenset = frozenset(), full_heads
     per_layer = len({(s.n_heads, s.n_kv_heads, s.ffn) for s in shapes}) > 1
     heads_pruned = full_heads is not None and bool(shapes) and shapes[0].n_heads != full_heads
     return family.gguf_arch(per_layer=per_layer, biases=biases, heads_pruned=heads_pruned)
+
+
+def model_arch(model, shapes) -> str:
+    """`choose_arch` for this model: its family, its biases, and whether its query heads were pruned."""
+    return choose_arch(shapes, family_of(model), model_biases(model), model.config.hidden_size // _head_dim(model))
 
 
 def model_biases(model) -> frozenset:
@@ -259,7 +264,7 @@ def _norm(fam, module) -> np.ndarray:
 def gguf_tensors(model, shapes, arch: str | None = None):
     """(GGUF name, fp32 array) for every tensor llama.cpp reads, in HF [out, in] layout."""
     m, fam = model.model, family_of(model)
-    arch = arch or choose_arch(shapes, fam, model_biases(model), model.config.hidden_size // _head_dim(model))
+    arch = arch or model_arch(model, shapes)
     permute = fam.rope_permuted(arch)
     yield "token_embd.weight", _np(m.embed_tokens.weight)
     for i, (layer, s) in enumerate(zip(fam.layers(model), shapes)):

@@ -260,14 +260,11 @@ def source_agreement(model, tokenizer, path, n_tokens: int = 256, n_threads: int
     llm = open_llama(path, n_ctx=max(len(ids), 64), n_threads=n_threads)
     try:
         check_tokenizer(llm, tokenizer)  # a converted vocabulary that splits text differently fails here
-        ours = lambda t: _eval_logits(llm, t)  # noqa: E731
-        report = compare_logits(torch_logits_fn(model), ours, window)
-        nll = {}
-        for name, fn in (("torch", torch_logits_fn(model)), ("llama.cpp", ours)):
-            logp = log_softmax(fn(window[0])[:-1])
-            nll[name] = float(-logp[np.arange(len(ids) - 1), window[0][1:]].mean())
+        logits = {"torch": torch_logits_fn(model)(ids), "llama.cpp": _eval_logits(llm, ids)}  # each side runs once
     finally:
         llm.close()
+    report = compare_logits(lambda t: logits["torch"], lambda t: logits["llama.cpp"], window)
+    nll = {name: float(-log_softmax(lo[:-1])[np.arange(len(ids) - 1), ids[1:]].mean()) for name, lo in logits.items()}
     gap = abs(nll["torch"] - nll["llama.cpp"]) / max(nll["llama.cpp"], 1e-9)
     out = {"tokens": len(ids), "top1_agreement": report["top1_agreement"], "nll_torch": nll["torch"],
            "nll_llamacpp": nll["llama.cpp"], "nll_gap": gap}

@@ -38,6 +38,8 @@ QKV_BIASES = frozenset(("attn_q", "attn_k", "attn_v"))
 # GGUF architectures whose RoPE rotates the two halves of each head (HF's rotate_half, NEOX
 # style): Q/K rows are written as they are. llama and deci rotate adjacent pairs (rows permuted).
 NEOX_ROPE_ARCHS = frozenset(("qwen2", "qwen3", "gemma3"))
+# The Llama block's two pre-norms (GGUF name -> decoder layer attribute); Gemma 3 has four.
+PRE_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Family:
     gguf_archs: tuple[str, ...]  # GGUF `general.architecture`s a user's file may have
     uniform_arch: str  # GGUF architecture for models whose layers all share one shape
     per_layer_arch: str | None  # GGUF architecture that builds per-layer widths and heads (None: none can)
-    norms: dict  # GGUF norm name -> attribute of a decoder layer, in the order the block applies them
+    norms: dict = field(default_factory=lambda: dict(PRE_NORMS))  # GGUF norm name -> decoder layer attribute, in block order
     uniform_biases: frozenset = ALL_BIASES  # biases the uniform architecture's llama.cpp graph reads
     qk_norm: bool = False  # self_attn.q_norm / k_norm (per-head RMSNorm before RoPE)
     norm_offset: float = 0.0  # RMSNorm scales by (offset + w): Gemma stores w - 1
@@ -72,6 +74,10 @@ class Family:
     def per_layer_gguf(self) -> bool:
         """Whether a GGUF of this family can hold per-layer FFN widths and head counts."""
         return self.per_layer_arch is not None
+
+    def gguf_reads(self, biases) -> bool:
+        """Whether some GGUF architecture of this family reads all of `biases` (GGUF role names)."""
+        return self.per_layer_arch is not None or set(biases) <= set(self.uniform_biases)
 
     def gguf_arch(self, per_layer: bool, biases: frozenset = frozenset(), heads_pruned: bool = False) -> str:
         """The GGUF architecture an export of these shapes and biases needs (ONNX holds anything)."""

@@ -12,6 +12,5 @@ LLAMA = Family(
     gguf_archs=("llama",),
     uniform_arch="llama",
     per_layer_arch="deci",
-    norms={"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
     examples="Llama, Llama 3.x, SmolLM2, TinyLlama",
 )

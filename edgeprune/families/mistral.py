@@ -10,6 +10,5 @@ MISTRAL = Family(
     gguf_archs=(),  # a Mistral GGUF says `llama`: it loads through the Llama family
     uniform_arch="llama",
     per_layer_arch="deci",
-    norms={"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
     examples="Mistral",
 )

@@ -11,7 +11,6 @@ QWEN2 = Family(
     gguf_archs=("qwen2",),
     uniform_arch="qwen2",
     per_layer_arch="deci",
-    norms={"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
     uniform_biases=QKV_BIASES,
     uniform_full_heads=True,
     examples="Qwen2, Qwen2.5",

@@ -10,7 +10,6 @@ QWEN3 = Family(
     gguf_archs=("qwen3",),
     uniform_arch="qwen3",
     per_layer_arch=None,
-    norms={"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
     uniform_biases=QKV_BIASES,
     qk_norm=True,
     examples="Qwen3",
