@@ -1,133 +1,263 @@
-"""Pruning quality on SmolLM2-135M: every scorer x {uniform, CFSP} allocation x sparsity, with and
-without dropping 2 layers, calibrated on self-generated text and on WikiText-2 valid.
+"""Pruning quality on SmolLM2-135M side by side with the CFSP authors' procedure.
 
-Prints a table, writes a JSON record and a plot. Also measures the speed target: wall time of
-calibration -> pruned checkpoint (an `edgeprune prune` subprocess, peak RSS included) against one
-plain dense forward pass (with lm_head) over the same calibration tokens, in the same run.
+Protocol (issue #12): fp32 SmolLM2-135M, 32 x 512 WikiText-2 *valid* calibration tokens (seed 0),
+torch perplexity on the first 16 x 512 WikiText-2 *test* windows (the project's protocol,
+edgeprune.evaluate). At each FFN sparsity the authors' procedure runs first; every edgeprune row
+then keeps exactly the FFN channels it kept (its widths are multiples of 128), so the rows compare
+at equal kept FFN parameters.
 
-    python benchmarks/prune_quality.py --quick            # ~eval on 8 windows, 32x256 calibration
-    python benchmarks/prune_quality.py                    # 128x512 calibration, full test split
+The authors' procedure (wyxscir/CFSP, `prune_cfsp` with its start.sh settings, re-implemented here
+from its description in edgeprune's research notes, not copied): block importance = the *sum* of
+per-token angular distances over all calibration tokens; s_l = sigmoid((I_l - mean I) / 1e4),
+shrunk when the largest keep ratio would reach 1 (their 1.05 margin); keep ratio
+s_l / mean(s) * (1 - p); width int((n * ratio + 64) / 128) * 128; channels ranked by their
+"three_w_one_wa" score, in which the weight terms cancel and the ranking is the activation norm
+||X_j||; no compensation. (The one deliberate difference: the cosine is clamped to [-1, 1], where
+their code would stop on NaN.) With 16k calibration tokens the importance differences are a few
+hundred, so after the 1e4 the allocation is nearly uniform.
+
+Rows: allocation (uniform, cfsp, sensitivity) x score x recovery (none, bias, lstsq), wall time of
+plan + prune + recovery and peak RSS sampled during the row; then distillation from the dense model
+(edgeprune.distill) on top of the best retraining-free row, measured after 1, 3 and 10 minutes of
+training (one run, checkpoints). Prints a table, writes benchmarks/results/prune_quality.json and
+a PNG.
+
+    python benchmarks/prune_quality.py                        # the default grid (~90 min here)
+    python benchmarks/prune_quality.py --grid full            # every allocation x score x recovery
+    python benchmarks/prune_quality.py --sparsities 0.3 --kd-minutes 1,3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import math
+import os
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from edgeprune import arch, budget
 from edgeprune.calibrate import calibrate
 from edgeprune.data import calibration_ids
+from edgeprune.distill import distill
 from edgeprune.evaluate import load_text, perplexity, token_windows
+from edgeprune.methods import _top
 from edgeprune.models import load_model
 from edgeprune.pipeline import base_of
-from edgeprune.prune import make_plan, pruned_copy
+from edgeprune.plan import LayerPlan, PrunePlan
+from edgeprune.prune import make_plan, pruned_copy, with_recovery
+from edgeprune.recover import recover
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SCORES = ("cfsp", "activation", "wanda-sp", "magnitude", "random")
-
-
-def dense_forward_seconds(model, ids, batch_size=8):
-    start = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(ids), batch_size):
-            model(ids[i : i + batch_size], use_cache=False)
-    return time.perf_counter() - start
-
-
-def timed_prune_subprocess(model_spec, calib, nsamples, seqlen, sparsity, out):
-    """Wall time and peak RSS of `edgeprune prune` as a user runs it (calibration text already cached)."""
-    cmd = [sys.executable, "-m", "edgeprune.cli", "prune", model_spec, "--calib", calib, "--nsamples", str(nsamples),
-           "--seqlen", str(seqlen), "--sparsity", str(sparsity), "--out", str(out), "--json"]
-    import psutil
-
-    # Peak RSS by polling the child: ru_maxrss would include this (model-holding) parent's pages at fork.
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    child, peak = psutil.Process(proc.pid), 0.0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, child.memory_info().rss / 2**20)
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"prune failed: {stderr[-400:]}")
-    report = json.loads(stdout)
-    return wall, peak, report["timings"]
+HERE = Path(__file__).resolve().parent
+DATA = Path(os.environ.get("EDGEPRUNE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
+ALLOCATIONS = ("uniform", "cfsp", "sensitivity")
+SCORES = ("cfsp", "activation", "wanda-sp", "magnitude", "condition")
+RECOVERIES = ("none", "bias", "lstsq")
+# the default grid: every allocation with the default score and recoveries, every score with CFSP's allocation
+DEFAULT_GRID = [("uniform", "cfsp", "none")] + [(a, "cfsp", r) for a in ("cfsp", "sensitivity") for r in ("none", "lstsq")] + \
+               [("cfsp", s, "none") for s in ("activation", "wanda-sp", "condition")] + [("cfsp", "condition", "lstsq")]
+SMOKE_GRID = [("cfsp", "cfsp", "none"), ("sensitivity", "cfsp", "lstsq"), ("cfsp", "condition", "none")]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        self.mib = self.peak / 2**20
+
+
+def authors_widths(stats, n: int, p: float) -> list[int]:
+    """The CFSP reference code's per-block widths (module docstring)."""
+    imp = np.array([b.angular * stats.tokens for b in stats.blocks], dtype=np.float64)  # a sum, not a mean
+    s = 1 / (1 + np.exp(-(imp - imp.mean()) / 1e4))
+    avg = s.mean()
+    if s.max() / avg * (1 - p) >= 1:
+        scale = (avg * (1 / (1 - p) - 1)) / (s.max() - avg) / 1.05
+        s = avg + (s - avg) * scale
+        avg = s.mean()
+    ratios = s / avg * (1 - p)
+    return [int((n * r + 64) / 128) * 128 for r in ratios]
+
+
+def authors_plan(model, stats, base, p: float) -> PrunePlan:
+    layers = arch.layers(model)
+    n, n_kv = model.config.intermediate_size, model.config.num_key_value_heads
+    plans = [LayerPlan(index=i, ffn_keep=_top(stats.blocks[i].ffn.norm, w), kv_keep=list(range(n_kv)))
+             for i, w in enumerate(authors_widths(stats, n, p))]
+    plan = PrunePlan(base=base, method={"method": "cfsp-authors", "allocation": "authors", "score": "activation", "sparsity": p,
+                                        "recover": "none", "recover_args": {}},
+                     calibration=dict(stats.description), layers=plans, dropped_layers=[])
+    plan.achieved = budget.achieved(model, plan)
+    assert len(layers) == len(plans)
+    return plan
+
+
+def evaluate(model, windows) -> float:
+    return perplexity(model, windows)["perplexity"]
+
+
+def run_row(lm, stats, ids, windows, sparsity, allocation, score, recovery):
+    with PeakRSS() as rss:
+        t = time.perf_counter()
+        method = "uniform" if allocation == "uniform" else "cfsp"
+        plan = make_plan(lm.model, stats, base_of(lm), sparsity, method=method, score=score,
+                         allocation=None if allocation == "uniform" else allocation, recover="none", align=32, ids=ids)
+        plan_s = time.perf_counter() - t
+        trial = plan if recovery == "none" else with_recovery(plan, recovery)
+        model = pruned_copy(lm.model, trial)
+        summary = None
+        if recovery != "none":
+            rep = recover(model, lm.model, trial, stats, ids)
+            summary = (rep.get(recovery) or {}).get("summary")
+        wall = time.perf_counter() - t
+    row = {"sparsity": sparsity, "allocation": allocation, "score": score, "recovery": recovery, "ppl": evaluate(model, windows),
+           "ffn_sparsity": plan.achieved["ffn_sparsity"], "kept_ffn_channels": sum(len(lp.ffn_keep) for lp in plan.layers),
+           "widths": [len(lp.ffn_keep) for lp in plan.layers], "plan_s": plan_s, "wall_s": wall, "peak_rss_mib": rss.mib,
+           "recovery_summary": summary}
+    if "sensitivity" in plan.method:
+        row["sensitivity_s"] = plan.method["sensitivity"]["seconds"]
+    return row, model, trial
+
+
+def distill_row(lm, model, plan, ids, windows, minutes: list[float], base_row):
+    """Distil `model` from the dense one, measuring the test perplexity at each checkpoint."""
+    held = ids[-2:]  # distillation's own held-out rows (decide keep/restore); the test windows stay unseen
+    train = ids[:-2]
+    points = []
+
+    def on_checkpoint(elapsed, steps, student):
+        points.append({"minutes": elapsed / 60, "steps": steps, "ppl": evaluate(student, windows)})
+        print(f"    kd after {elapsed / 60:.1f} min ({steps} steps): ppl {points[-1]['ppl']:.2f}", flush=True)
+
+    with PeakRSS() as rss:
+        rep = distill(model, lm.model, train, held, seconds=max(minutes) * 60, checkpoints=[m * 60 for m in minutes],
+                      on_checkpoint=on_checkpoint)
+    return {**{k: base_row[k] for k in ("sparsity", "allocation", "score", "kept_ffn_channels")}, "recovery": f"{base_row['recovery']}+kd",
+            "kd": {k: v for k, v in rep.items() if not isinstance(v, (list, dict))}, "checkpoints": points,
+            "ppl_final": evaluate(model, windows), "peak_rss_mib": rss.mib}
+
+
+def kd_minutes_at(spec: str, p: float) -> list[float]:
+    """'0.3:1,3,10;0.5:1,3' -> the checkpoints at sparsity p ([] when p is not listed); '1,3' -> for every p."""
+    if ":" not in spec:
+        return [float(m) for m in spec.split(",") if m.strip()]
+    for part in spec.split(";"):
+        at, _, minutes = part.partition(":")
+        if at.strip() and math.isclose(float(at), p):
+            return [float(m) for m in minutes.split(",") if m.strip()]
+    return []
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--quick", action="store_true", help="8 eval windows, 32x256 calibration, fewer configs")
-    ap.add_argument("--eval-windows", type=int, default=None, help="default: all windows (8 with --quick)")
     ap.add_argument("--sparsities", default="0.2,0.3,0.5")
-    ap.add_argument("--out", default="benchmarks/results/prune_quality.json")
-    args = ap.parse_args()
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--grid", choices=("default", "full", "smoke"), default="default")
+    ap.add_argument("--kd-minutes", default="0.2:1,3;0.3:1,3,10;0.5:1,3",
+                    help="distillation checkpoints in minutes, per sparsity ('0.3:1,3,10;0.5:1,3') or for all ('1,3,10'); empty: none")
+    ap.add_argument("--out", default=str(HERE / "results" / "prune_quality.json"))
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    nsamples, seqlen = (32, 256) if args.quick else (128, 512)
-    eval_windows = args.eval_windows or (8 if args.quick else None)
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-
+    start = time.perf_counter()
     lm = load_model(args.model)
-    windows = token_windows(lm.tokenizer, load_text(DATA / "wikitext2-test.raw"), 512, eval_windows)
-    record = {"model": args.model, "calibration": f"{nsamples}x{seqlen}", "eval": {"windows": len(windows), "seqlen": 512}, "rows": []}
-    dense = perplexity(lm.model, windows)
-    record["dense_ppl"] = dense["perplexity"]
-    record["eval"]["protocol"] = dense["protocol"]
-    print(f"dense ppl {dense['perplexity']:.3f} on {len(windows)} x 512 WikiText-2 test windows")
-
-    sources = {"wikitext2-valid": str(DATA / "wikitext2-valid.raw"), "self": "self"}
-    for name, src in sources.items():
-        t = time.perf_counter()
-        ids, desc, gen_s = calibration_ids(lm.model, lm.tokenizer, src, nsamples, seqlen, 0, fingerprint=lm.fingerprint)
-        stats = calibrate(lm.model, ids, description=desc)
-        fwd = dense_forward_seconds(lm.model, ids)
-        print(f"[{name}] calibration text {gen_s:.1f}s, calibration pass {stats.seconds:.1f}s, dense forward {fwd:.1f}s")
-        with tempfile.TemporaryDirectory() as tmp:
-            wall, peak, timings = timed_prune_subprocess(args.model, src, nsamples, seqlen, 0.3, Path(tmp) / "p")
-        calib_to_ckpt = sum(timings[k] for k in ("calibration_pass_s", "plan_s", "apply_s", "save_s"))
-        record.setdefault("speed", {})[name] = {
-            "dense_forward_s": fwd, "calibration_pass_s": stats.seconds, "calibration_to_checkpoint_s": calib_to_ckpt,
-            "ratio_to_dense_forward": calib_to_ckpt / fwd, "prune_subprocess_wall_s": wall, "prune_peak_rss_mib": peak,
-            "calibration_text_s": gen_s, "timings": timings,
-        }
-        print(f"[{name}] calibration->checkpoint {calib_to_ckpt:.1f}s = {calib_to_ckpt / fwd:.2f} x dense forward; "
-              f"prune subprocess {wall:.1f}s wall, peak RSS {peak:.0f} MiB")
-        configs = []
-        for p in sparsities:
-            for score in SCORES if name == "wikitext2-valid" else ("cfsp", "activation"):
-                for alloc in ("uniform", "cfsp"):
-                    configs.append(dict(sparsity=p, score=score, allocation=alloc, drop_layers=0))
-            configs.append(dict(sparsity=p, score="cfsp", allocation="cfsp", drop_layers=2))
-            configs.append(dict(sparsity=p, score="cfsp", allocation="uniform", drop_layers=2))
-        if name == "wikitext2-valid":
-            configs += [dict(sparsity=0.3, score="cfsp", allocation="cfsp", drop_layers=0, temperature=t) for t in (5.0, 10.0, 40.0)]
-        for cfg in configs:
-            t0 = time.perf_counter()
-            plan = make_plan(lm.model, stats, base_of(lm), method=cfg["allocation"], **{k: v for k, v in cfg.items() if k != "allocation"})
-            pruned = pruned_copy(lm.model, plan)
-            prune_s = time.perf_counter() - t0
-            ppl = perplexity(pruned, windows)["perplexity"]
-            row = {"calibration": name, **cfg, "temperature": cfg.get("temperature", plan.method["temperature"]),
-                   "ppl": ppl, "ffn_sparsity": plan.achieved["ffn_sparsity"], "model_sparsity": plan.achieved["model_sparsity"],
-                   "params": plan.achieved["params_pruned"], "plan_and_apply_s": prune_s}
+    windows = token_windows(lm.tokenizer, load_text(DATA / "wikitext2-test.raw"), 512, args.windows)
+    ids, desc, _ = calibration_ids(lm.model, lm.tokenizer, str(DATA / "wikitext2-valid.raw"), args.nsamples, 512, 0,
+                                   fingerprint=lm.fingerprint)
+    with PeakRSS() as rss:
+        stats = calibrate(lm.model, ids, gram=True, description=desc)
+    record = {"model": args.model, "threads": torch.get_num_threads(),
+              "protocol": f"{args.nsamples}x512 WikiText-2 valid calibration (seed 0); torch fp32 perplexity on the first "
+                          f"{len(windows)}x512 WikiText-2 test windows; edgeprune rows keep the authors' FFN channel count",
+              "calibration": {"seconds": stats.seconds, "peak_rss_mib": rss.mib, "tokens": stats.tokens},
+              "dense_ppl": evaluate(lm.model, windows), "rows": [], "distillation": []}
+    print(f"dense ppl {record['dense_ppl']:.2f}; calibration {stats.seconds:.0f} s", flush=True)
+    grid = {"full": [(a, s, r) for a in ALLOCATIONS for s in SCORES for r in RECOVERIES], "default": DEFAULT_GRID,
+            "smoke": SMOKE_GRID}[args.grid]
+    n_total = lm.model.config.intermediate_size * lm.model.config.num_hidden_layers
+    for p in (float(x) for x in args.sparsities.split(",")):
+        with PeakRSS() as rss:
+            t = time.perf_counter()
+            ref = authors_plan(lm.model, stats, base_of(lm), p)
+            model = pruned_copy(lm.model, ref)
+            wall = time.perf_counter() - t
+        kept = sum(len(lp.ffn_keep) for lp in ref.layers)
+        ref_row = {"sparsity": p, "allocation": "authors", "score": "activation", "recovery": "none", "ppl": evaluate(model, windows),
+                   "ffn_sparsity": 1 - kept / n_total, "kept_ffn_channels": kept, "widths": [len(lp.ffn_keep) for lp in ref.layers],
+                   "wall_s": wall, "peak_rss_mib": rss.mib}
+        record["rows"].append(ref_row)
+        del model
+        equal = 1 - kept / n_total  # edgeprune at the authors' kept FFN fraction
+        print(f"{p:.0%} authors' CFSP: ppl {ref_row['ppl']:.2f} (FFN sparsity {equal:.4f}, widths {sorted(set(ref_row['widths']))})", flush=True)
+        best = None
+        for allocation, score, recovery in grid:
+            row, model, plan = run_row(lm, stats, ids, windows, equal, allocation, score, recovery)
+            row["vs_authors"] = row["ppl"] / ref_row["ppl"] - 1
+            row["nominal_sparsity"] = p
             record["rows"].append(row)
-            print(f"  {name:15s} p={cfg['sparsity']:.2f} {cfg['allocation']:7s} {cfg['score']:10s} drop={cfg['drop_layers']} "
-                  f"tau={row['temperature']:<4g} ppl {ppl:8.3f}  (FFN {row['ffn_sparsity']:.3f}, model {row['model_sparsity']:.3f})")
-            del pruned
-            out.write_text(json.dumps(record, indent=1))
+            print(f"  {allocation:11s} {score:10s} {recovery:6s} ppl {row['ppl']:8.2f} ({row['vs_authors']:+.1%} vs authors) "
+                  f"{row['wall_s']:6.0f} s {row['peak_rss_mib']:6.0f} MiB", flush=True)
+            if best is None or row["ppl"] < best[0]["ppl"]:
+                best = (row, model, plan)
+            else:
+                del model
+            out.write_text(json.dumps(record, indent=1) + "\n")
+        kd_minutes = kd_minutes_at(args.kd_minutes, p)
+        if kd_minutes and best is not None:
+            row, model, plan = best
+            print(f"  kd on top of {row['allocation']}/{row['score']}/{row['recovery']} for {max(kd_minutes):g} min", flush=True)
+            kd = distill_row(lm, model, plan, ids, windows, kd_minutes, row)
+            for c in kd["checkpoints"]:
+                c["vs_authors"] = c["ppl"] / ref_row["ppl"] - 1
+            kd["nominal_sparsity"] = p
+            record["distillation"].append(kd)
+        best = model = None
+        out.write_text(json.dumps(record, indent=1) + "\n")
+    record["total_s"] = time.perf_counter() - start
+    out.write_text(json.dumps(record, indent=1) + "\n")
     plot(record, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(summary_table(record))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {record['total_s'] / 60:.0f} min")
+    return 0
+
+
+def summary_table(record) -> str:
+    lines = ["| FFN sparsity | authors' CFSP | edgeprune default (cfsp, none) | best retraining-free | best + kd 1 / 3 / 10 min |",
+             "|---|---|---|---|---|"]
+    for ref in (r for r in record["rows"] if r["allocation"] == "authors"):
+        p = ref["sparsity"]
+        rows = [r for r in record["rows"] if r.get("nominal_sparsity") == p]
+        default = next((r for r in rows if (r["allocation"], r["score"], r["recovery"]) == ("cfsp", "cfsp", "none")), None)
+        best = min(rows, key=lambda r: r["ppl"]) if rows else None
+        kd = next((k for k in record["distillation"] if k["nominal_sparsity"] == p), None)
+        cell = lambda r: f"{r['ppl']:.2f} ({r['ppl'] / ref['ppl'] - 1:+.0%})" if r else "-"
+        kd_cell = " / ".join(f"{c['ppl']:.2f} ({c['vs_authors']:+.0%})" for c in kd["checkpoints"]) if kd else "-"
+        lines.append(f"| {p:.0%} | {ref['ppl']:.2f} | {cell(default)} | {cell(best)} {best['allocation']}/{best['score']}/{best['recovery']} "
+                     f"| {kd_cell} |" if best else f"| {p:.0%} | {ref['ppl']:.2f} | - | - | - |")
+    return "\n".join(lines)
 
 
 def plot(record, path):
@@ -136,26 +266,26 @@ def plot(record, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for ax, calib in zip(axes, ("wikitext2-valid", "self")):
-        rows = [r for r in record["rows"] if r["calibration"] == calib and r["drop_layers"] == 0 and r["temperature"] == 20.0]
-        for score in SCORES:
-            for alloc, ls in (("cfsp", "-"), ("uniform", ":")):
-                pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["score"] == score and r["allocation"] == alloc)
-                if pts:
-                    ax.plot(*zip(*pts), ls=ls, marker="o", label=f"{score} / {alloc}")
-        drop = sorted((r["sparsity"], r["ppl"]) for r in record["rows"] if r["calibration"] == calib and r["drop_layers"] == 2 and r["allocation"] == "cfsp")
-        if drop:
-            ax.plot(*zip(*drop), color="black", marker="x", label="cfsp / cfsp + drop 2 layers")
-        ax.axhline(record["dense_ppl"], color="grey", ls="--", lw=0.8, label="dense")
-        ax.set_yscale("log")
-        ax.set_xlabel("FFN-equivalent sparsity")
-        ax.set_ylabel("WikiText-2 test ppl (seq 512)")
-        ax.set_title(f"calibration: {calib} ({record['calibration']})", fontsize=9)
-        ax.legend(fontsize=6)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    refs = sorted((r["sparsity"], r["ppl"]) for r in record["rows"] if r["allocation"] == "authors")
+    ax.plot(*zip(*refs), color="black", lw=2, marker="s", label="CFSP authors' procedure")
+    combos = sorted({(r["allocation"], r["score"], r["recovery"]) for r in record["rows"] if r["allocation"] != "authors"})
+    for combo in combos:
+        pts = sorted((r["nominal_sparsity"], r["ppl"]) for r in record["rows"] if (r["allocation"], r["score"], r["recovery"]) == combo)
+        ax.plot(*zip(*pts), marker="o", ms=3, lw=1, ls="-" if combo[2] == "lstsq" else ":", label="/".join(combo))
+    for kd in record["distillation"]:
+        for c in kd["checkpoints"]:
+            ax.scatter([kd["nominal_sparsity"]], [c["ppl"]], marker="*", s=40 + 6 * c["minutes"], color="crimson", zorder=5)
+    ax.scatter([], [], marker="*", color="crimson", label="+ distillation (1/3/10 min: bigger star = longer)")
+    ax.axhline(record["dense_ppl"], color="grey", ls="--", lw=0.8, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("FFN sparsity (nominal; every row keeps the authors' channel count)")
+    ax.set_ylabel("WikiText-2 test perplexity (seq 512)")
+    ax.set_title(f"SmolLM2-135M, {record['protocol'][:60]}...", fontsize=8)
+    ax.legend(fontsize=5.5, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError
 
-ALLOCATIONS = ("cfsp", "uniform")
+ALLOCATIONS = ("cfsp", "uniform", "sensitivity")  # sensitivity: measured per-block cost (sensitivity.py)
 DEFAULT_TEMPERATURE = 20.0  # chosen on SmolLM2-135M (benchmarks/prune_quality.py sweeps it)
 
 

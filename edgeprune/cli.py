@@ -44,16 +44,24 @@ def _load(spec: Optional[str], device: str, dtype: str):
 # ----------------------------------------------------------------------------------- validation
 # Every user-supplied value is checked here, before a model is loaded or anything is measured:
 # a bad value is exit 2 with one line, never a failure minutes later.
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "m": 60.0, "min": 60.0,
+                   "mins": 60.0, "minute": 60.0, "minutes": 60.0, "h": 3600.0, "hour": 3600.0, "hours": 3600.0}
+
+
 def _recover_seconds(text: Optional[str]) -> Optional[float]:
-    """--recover-time '3min' / '90s' / 120 -> seconds (None: the default)."""
+    """--recover-time '5m' / '5min' / '90s' / '300' -> seconds (None: the default). A plain number
+    is seconds; m means minutes here (a training time box is never milliseconds)."""
+    import math
+    import re
+
     if text is None:
         return None
-    from edgeprune.profiles import parse_seconds
-
-    try:
-        return parse_seconds(text if any(c.isalpha() for c in str(text)) else float(text))
-    except Exception as exc:  # the parser's own error type says what is wrong with the value
-        raise EdgepruneError(f"--recover-time: {exc} (e.g. 3min, 90s)") from None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    unit = _DURATION_UNITS.get(m.group(2)) if m else None
+    seconds = float(m.group(1)) * unit if unit else None
+    if seconds is None or not (math.isfinite(seconds) and seconds > 0):
+        raise EdgepruneError(f"--recover-time takes a positive duration like 5m, 5min, 90s or 300 (seconds), got '{text}'")
+    return seconds
 
 
 def _int_at_least(flag: str, value: Optional[int], minimum: int) -> None:
@@ -212,12 +220,12 @@ def prune(
                                   "flap: fluctuation metric, one global ranking of FFN channels and KV groups; fasp: Wanda-style metric + "
                                   "least-squares restoration; comp: drop layers + condition metric + mask tuning"),
     score: Optional[str] = typer.Option(None, "--score", help="channel score: cfsp, activation, wanda-sp, magnitude, random, flap, condition (default: the method's own)"),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="fasp/comp per-layer widths: uniform (default) or cfsp"),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="per-layer widths: cfsp (block importance; cfsp's default), uniform (fasp/comp default), or sensitivity (measured output KL per block, solved as a budgeted choice; cfsp, fasp, comp)"),
     heads: Optional[bool] = typer.Option(None, "--heads/--no-heads", help="also prune KV groups (a KV head with its query heads); flap does by default"),
-    recover: Optional[str] = typer.Option(None, "--recover", help="none, bias (FLAP), lstsq (FASP), mask (COMP), lora (CFSP IG-LoRA), or X+lora; default: the method's own"),
+    recover: Optional[str] = typer.Option(None, "--recover", help="none, bias (FLAP), lstsq (FASP), mask (COMP), lora (CFSP IG-LoRA), or X+lora / X+kd; default: lstsq for cfsp and uniform, the method's own otherwise"),
     lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="LoRA training steps (default 200)"),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="mean LoRA rank; per block proportional to its importance (default 8)"),
-    recover_time: Optional[str] = typer.Option(None, "--recover-time", help="time box of --recover kd (distillation from the dense model), e.g. 3min or 90s (default 180s)"),
+    recover_time: Optional[str] = typer.Option(None, "--recover-time", help="time box of --recover kd (distillation from the dense model), e.g. 5m, 5min, 90s or 300 (seconds; default 180s)"),
     drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="remove the K least important blocks first (COMP / ShortGPT Block Influence; default 0, comp: layers/15)"),
     target: Optional[str] = typer.Option(None, "--target", help="what --sparsity is a fraction of: ffn (default) or linear (default of flap)"),
     align: int = typer.Option(32, "--align", help="widths are multiples of this (32: Q4_0/Q8_0, 256: K-quants)"),
@@ -479,15 +487,15 @@ def fit(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark (default: the host profile's threads, which its prediction assumes)"),
     host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
-    recover: str = typer.Option("lstsq,bias", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none; kd distills from the dense model on top of the best"),
-    recover_time: Optional[str] = typer.Option(None, "--recover-time", help="time box of kd, e.g. 3min (default 180s)"),
+    recover: str = typer.Option("lstsq,bias,kd", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none; kd distills from the dense model on top of the best"),
+    recover_time: str = typer.Option("auto", "--recover-time", help="time box of kd: auto (what is left of fit's 10-minute budget after the reserve for export, verification and the quality report; skipped under 30 s) or a duration like 3min, 90s, 300"),
     max_quality_loss: Optional[str] = typer.Option(None, "--max-quality-loss", help="quality floor on the shipped artifact: a perplexity ratio to the dense model (1.15x) or a held-out KL (kl:0.3); exit 3 when nothing meets it"),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ):
     """Search sparsity, dropped layers and dtype for the best model that meets a device profile's targets."""
     from edgeprune import dtypes, outputs
-    from edgeprune.fit import parse_quality_floor, run_fit
+    from edgeprune.fit import check_recover_time, parse_quality_floor, run_fit
     from edgeprune.profiles import load_profile
 
     parse_quality_floor(max_quality_loss)
@@ -506,10 +514,11 @@ def fit(
     if not names or any(f not in dtypes.FORMATS for f in names) or len(set(names)) != len(names):
         raise EdgepruneError(f"--formats takes gguf and/or onnx, comma-separated and each once, got '{formats}'")
     fit_recoveries = ("none", "lstsq", "bias", "mask", "lora", "kd")
-    recover_seconds = _recover_seconds(recover_time)
     steps = [r.strip() for r in recover.split(",")]
     if not all(steps) or any(r not in fit_recoveries for r in steps):
         raise EdgepruneError(f"--recover takes a comma-separated list of {', '.join(fit_recoveries)}, got '{recover}'")
+    auto = recover_time.strip().lower() == "auto"
+    recover_seconds = check_recover_time([r for r in steps if r != "none"], None if auto else _recover_seconds(recover_time))
     geometry = _check_model(model)
     _warn_context(geometry, seqlen)
     outputs.check_out(out, force, "dir", inputs=(model,))

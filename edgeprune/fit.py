@@ -25,6 +25,7 @@ from edgeprune.budget import achieved
 from edgeprune.calibrate import calibrate
 from edgeprune.families import family_of
 from edgeprune.data import calibration_ids
+from edgeprune.distill import KD_DEFAULTS
 from edgeprune.errors import EdgepruneError
 from edgeprune.exporters.common import atomic_file
 from edgeprune.exporters.llamacpp_quantize import quantize_gguf
@@ -34,9 +35,27 @@ from edgeprune.models import load_model
 from edgeprune.pipeline import base_of, prune_and_save
 from edgeprune.plan import LayerPlan, PrunePlan
 from edgeprune.profiles import load_profile, parse_bytes
-from edgeprune.prune import with_recovery
-from edgeprune.recover import needs
+from edgeprune.prune import gguf_safe_args, with_recovery
+from edgeprune.recover import check_recover_args, needs
 from edgeprune.report import run_header
+
+# fit's promise (issue #12): the default run, distillation included, ends within 10 minutes on the
+# reference 2-core CPU. Distillation is the one step whose length is a choice, so with
+# --recover-time auto it gets what is left of this budget, counted from run_fit's start.
+FIT_BUDGET_S = 600.0
+# What fit still does once distillation ends: the rest of the finalists (imatrix, export and runtime
+# scoring of the pruned one, the dense one's scoring), the verified export of what ships, the
+# quality report and the host benchmark. In the reference runs (SmolLM2-135M, raspberrypi5 and
+# raspberrypi5 at 80 tok/s, benchmarks/results/shipped_quality/*/report.json) that tail took about
+# 110-150 s (quality report 63-91 s, benchmark 12-22 s, the rest exports and scoring).
+FIT_RESERVE_S = 150.0
+# That tail is exports, llama.cpp quantizations and runtime scoring, the same work as the dense-mixes
+# step measured earlier on the same model and host (91-110 s in those runs): a bigger model or a
+# slower host reserves 1.5x that step instead of the constant.
+FIT_RESERVE_PER_DENSE_MIXES = 1.5
+# Under this, distillation is a handful of steps (SmolLM2-135M: ~4 s per step of 4 x 128 tokens) plus
+# its two held-out measurements: too little to be worth the time it would take from the budget.
+KD_MIN_S = 30.0
 
 # Baselines every report shows beside what ships: the dense model in these GGUF types exactly as
 # llama.cpp users make them (no importance matrix, llama.cpp's own mix).
@@ -61,6 +80,46 @@ def parse_quality_floor(text: str | None) -> tuple[str, float] | None:
     except ValueError:
         pass
     raise EdgepruneError(f"--max-quality-loss takes a perplexity ratio like 1.15x (>= 1) or a KL like kl:0.3 (> 0), got '{text}'")
+
+
+def check_recover_time(recoveries: list[str], recover_seconds) -> float | None:
+    """fit's --recover-time: None or "auto" (the budget decides, see kd_time_box) or forced seconds."""
+    if recover_seconds is None or recover_seconds == "auto":
+        return None
+    if "kd" not in recoveries:
+        raise EdgepruneError(f"--recover-time is the time box of kd: add kd to --recover (e.g. lstsq,bias,kd), "
+                             f"got '{','.join(recoveries) or 'none'}'")
+    check_recover_args(["kd"], {"kd_seconds": recover_seconds})  # the same range as prune's
+    return float(recover_seconds)
+
+
+def fit_reserve_s(dense_mixes_s: float, rebuild_s: float = 0.0) -> float:
+    """Seconds fit keeps for what follows distillation: FIT_RESERVE_S, or more when the dense-mixes
+    step (the same kind of work, measured on this model and host) took long; plus `rebuild_s`: the
+    closed-form recovery that the distillation trial re-runs first, and that is rebuilt again when
+    distillation is not kept (twice its measured trial time)."""
+    return max(FIT_RESERVE_S, FIT_RESERVE_PER_DENSE_MIXES * dense_mixes_s) + rebuild_s
+
+
+def kd_time_box(elapsed_s: float, reserve_s: float, forced_s: float | None = None, budget_s: float = FIT_BUDGET_S,
+                minimum_s: float = KD_MIN_S) -> dict:
+    """How long fit distills: {"mode", "seconds" (None: skipped), "why", ...} for the report.
+
+    forced (--recover-time 3min): that time, whatever the budget. auto: what is left of `budget_s`
+    after `elapsed_s` since fit started and `reserve_s` for the work that follows; skipped when
+    that is under `minimum_s`."""
+    if forced_s is not None:
+        return {"mode": "forced", "seconds": float(forced_s),
+                "why": f"--recover-time {forced_s:g}s: distillation gets that time whatever fit's budget"}
+    left = budget_s - elapsed_s - reserve_s
+    info = {"mode": "auto", "budget_s": budget_s, "elapsed_s": elapsed_s, "reserve_s": reserve_s, "left_s": left}
+    spent = (f"{elapsed_s:.0f} s spent, {reserve_s:.0f} s kept for export, verification, the quality report and the benchmark")
+    if left < minimum_s:
+        return {**info, "seconds": None,
+                "why": f"distillation skipped: {max(left, 0.0):.0f} s left of fit's {budget_s / 60:g}-minute budget ({spent}); "
+                       "pass --recover-time 3min to distill anyway"}
+    return {**info, "seconds": left,
+            "why": f"--recover-time auto: {left:.0f} s, what is left of fit's {budget_s / 60:g}-minute budget ({spent})"}
 
 
 def identity_plan(lm, base: dict, desc: dict) -> PrunePlan:
@@ -93,8 +152,9 @@ def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
 
 def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None, max_ttft=None, dtype=None,
             formats=("gguf", "onnx"), nsamples=32, seqlen=128, heldout=8, seed=0, threads=None,
-            host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias", progress=None, log=print,
+            host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias,kd", progress=None, log=print,
             max_quality_loss=None, prompts=True, recover_seconds=None) -> tuple[dict, int]:
+    """`recover_seconds`: kd's time box in seconds, or None / "auto" for what is left of FIT_BUDGET_S."""
     t_start = time.perf_counter()
     timings = {}
     step = (lambda label: (lambda i, n: progress(label, i, n))) if progress else (lambda label: None)
@@ -108,6 +168,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     if bad:
         raise EdgepruneError(f"--formats takes gguf and/or onnx, got {', '.join(bad)}")
     recoveries = [r.strip() for r in (recover or "").split(",") if r.strip() not in ("", "none")]
+    kd_forced = check_recover_time(recoveries, recover_seconds)
     out = Path(out)
     report = run_header("fit", dict(model=model_spec, profile=profile_name, out=out, min_tok_s=min_tok_s, max_memory=max_memory,
                                     max_ttft=max_ttft, dtype=dtype, formats=list(formats), nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -188,8 +249,11 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         for c in finalists:
             pruned, plan, imat = (lm.model, None, dense_imatrix)
             if c.plan is not None:
+                def kd_box(rebuild_s: float) -> dict:  # asked just before distilling: the trials before it count
+                    return kd_time_box(time.perf_counter() - t_start, fit_reserve_s(timings["quant_kl_s"], rebuild_s), kd_forced)
+
                 pruned, plan = _prune_with_best_recovery(lm, stats, c, base, desc, recoveries, calib, dense_lp, held, out, report, log,
-                                                         kd_seconds=recover_seconds)
+                                                         kd_box=kd_box, progress=progress)
                 imat = collect_imatrix(pruned, calib) if use_imatrix else None
                 path = tmp / f"candidate.{c.mix}.{fmt}"
                 export_artifact(pruned, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False, imatrix=imat, head=c.head)
@@ -384,47 +448,65 @@ def _finish(out: Path, report: dict, timings: dict, t_start: float, candidates, 
     write_outputs(out, report, candidates, chosen, targets, profile)
 
 
-def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log, kd_seconds=None):
+def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log, kd_box=None,
+                              progress=None):
     """Prune the chosen plan, trying each closed-form recovery in `recoveries` (["lstsq", "bias"]): keep
     the one with the lowest held-out KL, or none. Closed-form recovery can overfit a small calibration
     set, so held-out text decides, not the calibration fit (lstsq also picks its ridge per block on
     held-out calibration rows and leaves a block unchanged when no ridge helps there).
-    With "kd" in `recoveries`, distillation from the dense model then runs on top of the kept one
-    (time-boxed by `kd_seconds`) and is kept only when it lowers the held-out KL too. The dense
-    model is never pruned in place here: it is the teacher and the reference."""
+    With "kd" in `recoveries`, distillation from the dense model then runs on top of the kept one,
+    time-boxed by `kd_box(rebuild_s)` (kd_time_box's answer; the default: KD_DEFAULTS' time box),
+    and is kept only when it lowers the held-out KL too. The dense model is never pruned in place
+    here: it is the teacher and the reference."""
     if chosen.plan is None:
         pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=identity_plan(lm, base, desc),
                                          report={"from": "edgeprune fit"}, inplace=True)
-        report["recovery"] = {"kept": "none", "tried": {}}
+        earlier = report.get("recovery")  # what the pruned finalist tried (distillation included) stays on record
+        report["recovery"] = {"kept": "none", "tried": {}, **({"pruned_finalist": earlier} if earlier else {})}
         return pruned, plan
-    tried = {"none": chosen.kl_structure}
+    tried, trial_s = {"none": chosen.kl_structure}, {}
     last = trial = None  # (name, model, plan) of the newest trial: its checkpoint is the one on disk
     for name in [r for r in recoveries if r != "kd"]:
         last = trial = None  # free the previous trial before building the next
-        plan = with_recovery(chosen.plan, name)
+        t = time.perf_counter()
+        plan = with_recovery(chosen.plan, name, gguf_safe_args(lm.model, name))
         trial, plan, rep = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
+        trial_s[name] = time.perf_counter() - t
         tried[name] = search.kl_to_dense(dense_lp, trial, held)
         summary = (rep.get("recovery") or {}).get(name, {}).get("summary")
         log(f"recovery {name}: held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}" + (f" ({summary})" if summary else ""))
         last = (name, trial, plan)
     best = min(tried, key=tried.get)
+    kd_note = None
     if "kd" in recoveries:
-        last = trial = None
-        name = "kd" if best == "none" else f"{best}+kd"
-        plan = with_recovery(chosen.plan, name, {"kd_seconds": kd_seconds})
-        log(f"recovery {name}: distilling from the dense model for {plan.method['recover_args']['kd_seconds']:.0f} s")
-        trial, plan, rep = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
-        tried[name] = search.kl_to_dense(dense_lp, trial, held)
-        report["distillation"] = rep.get("recovery", {}).get("kd")
-        log(f"recovery {name}: held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}")
-        last = (name, trial, plan)
-        best = min(tried, key=tried.get)
-    report["recovery"] = {"kept": best, "tried": tried}
+        # the kd trial re-runs the best closed form before distilling, and a rejected kd rebuilds it once more
+        box = kd_box(2 * trial_s.get(best, 0.0)) if kd_box else {"mode": "default", "seconds": KD_DEFAULTS["kd_seconds"],
+                                                              "why": "the default time box of kd"}
+        kd_note = box["why"]
+        if box["seconds"] is None:
+            report["distillation"] = {"skipped": True, "time_box": box}
+            log(box["why"])
+        else:
+            last = trial = None
+            name = "kd" if best == "none" else f"{best}+kd"
+            plan = with_recovery(chosen.plan, name, gguf_safe_args(lm.model, name, {"kd_seconds": box["seconds"]}))
+            log(f"recovery {name}: distilling from the dense model for {box['seconds']:.0f} s ({box['why']})")
+            trial, plan, rep = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"},
+                                              progress=progress)
+            tried[name] = search.kl_to_dense(dense_lp, trial, held)
+            kd = rep.get("recovery", {}).get("kd") or {}
+            report["distillation"] = {**kd, "time_box": box}
+            log(f"recovery {name}: {kd.get('steps', 0)} steps in {kd.get('seconds', 0.0):.0f} s, training loss "
+                f"{kd.get('loss_first_steps', float('nan')):.4f} -> {kd.get('loss_last_steps', float('nan')):.4f}, "
+                f"held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}" + ("" if kd.get("kept", True) else f" ({kd['note']})"))
+            last = (name, trial, plan)
+            best = min(tried, key=tried.get)
+    report["recovery"] = {"kept": best, "tried": tried, **({"distillation": kd_note} if kd_note else {})}
     if last is not None and last[0] == best:
         _, pruned, plan = last  # already saved under out/model
     else:
         last = trial = None  # free the rejected trial before pruning again
-        plan = chosen.plan if best == "none" else with_recovery(chosen.plan, best)
+        plan = chosen.plan if best == "none" else with_recovery(chosen.plan, best, gguf_safe_args(lm.model, best))
         pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
     log(f"kept recovery: {best}")
     return pruned, plan

@@ -18,7 +18,9 @@ Units that can be removed
 
 cfsp / uniform
   CFSP's per-block widths (allocate.py) or the same width everywhere, channels ranked by
-  `--score` (importance.py). With `heads=True` a block's keep ratio k_l also sets its KV groups,
+  `--score` (importance.py). `--allocation sensitivity` (cfsp, fasp, comp) refines CFSP's widths by
+  measured cost: per block, the change of the network's output KL when only that block is made
+  narrower or wider than CFSP gave it; the widths then solve a budgeted choice (sensitivity.py). With `heads=True` a block's keep ratio k_l also sets its KV groups,
   round(k_l · n_kv) clamped to [1, n_kv], ranked by importance.kv_group_scores; the FFN budget
   is re-solved so the total still hits the target.
 
@@ -72,8 +74,8 @@ import math
 import numpy as np
 import torch
 
-from edgeprune import allocate, arch, budget
-from edgeprune.condition import condition_keep
+from edgeprune import allocate, arch, budget, sensitivity
+from edgeprune.condition import condition_keep, condition_order
 from edgeprune.errors import EdgepruneError
 from edgeprune.importance import FFN_SCORES, ffn_scores, kv_group_scores
 from edgeprune.plan import LayerPlan, PrunePlan
@@ -102,9 +104,40 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def _ratios(allocation, stats, kept, keep_mean, temperature, min_keep) -> np.ndarray:
-    if allocation == "cfsp":
+    if allocation in ("cfsp", "sensitivity"):  # sensitivity refines CFSP's widths afterwards (_per_layer_shapes)
         return allocate.cfsp_keep_ratios([stats.blocks[i].angular for i in kept], keep_mean, temperature, min_keep)
     return allocate.uniform_keep_ratios(len(kept), keep_mean)
+
+
+def _best_first(score, layer, block, seed, index, lo) -> list[int]:
+    """Block `index`'s FFN channels, best first (the order `_keep` takes them in at any width >= lo)."""
+    if score == "condition":  # the greedy removal order does not depend on the width
+        removed = condition_order(layer, block, layer.mlp.down_proj.in_features - lo)
+        gone = set(removed)
+        return [j for j in range(layer.mlp.down_proj.in_features) if j not in gone] + removed[::-1]
+    s = ffn_scores(score, layer, block, seed=seed, layer_index=index)
+    return [int(i) for i in np.lexsort((np.arange(len(s)), -s.double().numpy()))]
+
+
+def _keep(score, layer, block, width, seed, index) -> list[int]:
+    if score == "condition":
+        return condition_keep(layer, block, width)
+    return _top(ffn_scores(score, layer, block, seed=seed, layer_index=index), width)
+
+
+def sensitivity_widths(model, stats, kept, score, seed, align, lo, ids, base_widths, progress=None) -> tuple[list[int], dict]:
+    """The sensitivity allocation around `base_widths` (CFSP's): measured costs, then the budgeted
+    choice at the same total (sensitivity.py). The measurement is cached on the stats object per
+    (kept layers, score, base widths), so re-planning the same structure does not measure again."""
+    cache = stats.__dict__.setdefault("_sensitivity", {})
+    key = (tuple(kept), score, seed, align, lo, tuple(base_widths))
+    if key not in cache:
+        layers = arch.layers(model)
+        orders = {i: _best_first(score, layers[i], stats.blocks[i], seed, i, lo) for i in kept}
+        cache[key] = sensitivity.measure(model, ids, kept, orders, dict(zip(kept, base_widths)), align, lo, progress=progress)
+    m = cache[key]
+    curves = [sensitivity.cost_curve(m["widths"][i], m["kl"][i], w, align) for i, w in zip(kept, base_widths)]
+    return sensitivity.allocate_widths(curves, align, sum(base_widths)), m
 
 
 def _round_half_up(x: float) -> int:
@@ -126,7 +159,8 @@ def _uniform_shapes(n, n_kv, n_layers, heads, keep_mean, keep_params, attn_full,
 
 def _per_layer_shapes(allocation, stats, kept, heads, n, n_kv, keep_params, kept_full, attn_full, kv_unit, ch_unit, align,
                       temperature, min_keep):
-    """KV groups and FFN widths per kept layer from the allocation's keep ratios (CFSP: block importance)."""
+    """KV groups and FFN widths per kept layer from the allocation's keep ratios (CFSP: block importance;
+    sensitivity starts from CFSP's and is refined by ranked_plan)."""
     ratios = _ratios(allocation, stats, kept, keep_params / kept_full, temperature, min_keep)
     kv_counts = [n_kv] * len(kept)
     if heads:
@@ -144,8 +178,9 @@ def _per_layer_shapes(allocation, stats, kept, heads, n, n_kv, keep_params, kept
 
 
 def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, drop_layers, align, temperature, min_keep, seed,
-                uniform: bool = False):
-    """uniform: every kept layer gets the same FFN width and KV groups (the allocation is uniform)."""
+                uniform: bool = False, ids=None, progress=None):
+    """uniform: every kept layer gets the same FFN width and KV groups (the allocation is uniform).
+    allocation "sensitivity" measures the model on the calibration `ids` (sensitivity.py)."""
     layers = arch.layers(model)
     d, n, hd, n_kv, _ = _geometry(model)
     dropped, kept, keep_params = budget.solve(model, stats, sparsity, target, drop_layers)
@@ -159,20 +194,25 @@ def ranked_plan(model, stats, base, allocation, score, heads, sparsity, target, 
     else:
         kv_counts, widths = _per_layer_shapes(allocation, stats, kept, heads, n, n_kv, keep_params, kept_full, attn_full,
                                               kv_unit, ch_unit, align, temperature, min_keep)
+        if allocation == "sensitivity":
+            widths, measured = sensitivity_widths(model, stats, kept, score, seed, align, budget.min_width(n, align, min_keep), ids,
+                                                  widths, progress)
     layer_plans = []
     for i, width, kv in zip(kept, widths, kv_counts):
         layer, block = layers[i], stats.blocks[i]
-        if score == "condition":
-            ffn_keep = condition_keep(layer, block, width)
-        else:
-            ffn_keep = _top(ffn_scores(score, layer, block, seed=seed, layer_index=i), width)
+        ffn_keep = _keep(score, layer, block, width, seed, i)
         kv_keep = list(range(n_kv)) if kv == n_kv else _top(kv_group_scores(score if score in FFN_SCORES else "activation", layer, block, hd, seed=seed, layer_index=i), kv)
         layer_plans.append(LayerPlan(index=i, ffn_keep=ffn_keep, kv_keep=kv_keep))
+    method = {"allocation": allocation, "score": score, "sparsity": sparsity, "target": target, "drop_layers": drop_layers,
+              "align": align, "temperature": temperature, "min_keep": min_keep, "seed": seed,
+              "shapes": "uniform" if uniform else "per-layer"}
+    if allocation == "sensitivity" and not uniform:  # what the widths were chosen from, for the report
+        method["sensitivity"] = {"rows": measured["rows"], "tokens": measured["tokens"], "seconds": round(measured["seconds"], 1),
+                                 "base_kl": measured["base_kl"], "base_widths": [measured["base_widths"][i] for i in kept],
+                                 "kl": {str(i): [[w, c] for w, c in zip(measured["widths"][i], measured["kl"][i])] for i in kept}}
     return PrunePlan(
         base=base,
-        method={"allocation": allocation, "score": score, "sparsity": sparsity, "target": target, "drop_layers": drop_layers,
-                "align": align, "temperature": temperature, "min_keep": min_keep, "seed": seed,
-                "shapes": "uniform" if uniform else "per-layer"},
+        method=method,
         calibration=dict(stats.description),
         layers=layer_plans,
         dropped_layers=dropped,

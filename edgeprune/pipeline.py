@@ -55,7 +55,8 @@ def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePla
     timings = {}
     t = time.perf_counter()
     if plan is None:
-        plan = make_plan(lm.model, stats, base_of(lm), **plan_args)
+        sens = (lambda i, n: progress("sensitivity", i, n)) if progress else None
+        plan = make_plan(lm.model, stats, base_of(lm), ids=ids, progress=sens, **plan_args)
     else:
         plan.check_base(base_of(lm))
     timings["plan_s"] = time.perf_counter() - t

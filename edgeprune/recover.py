@@ -63,8 +63,10 @@ from torch import nn
 
 from edgeprune import arch
 from edgeprune.calibrate import CalibrationStats, ChannelStats, block_kwargs, calibrate, embed, rotary
+# LoRA lives in distill.py (kd_lora_rank trains adapters too); IG-LoRA below reuses it, and
+# LoRALinear stays importable from here
+from edgeprune.distill import KD_DEFAULTS, KD_LORA_LR, LoRALinear, attach_lora, distill, merge_lora  # noqa: F401
 from edgeprune.errors import EdgepruneError
-from edgeprune.distill import KD_DEFAULTS, distill
 from edgeprune.plan import PrunePlan
 
 DEFAULTS = {
@@ -82,7 +84,6 @@ LSTSQ_DENSE_RIDGE = 1e-2  # lstsq_inputs="dense" with lstsq_ridge "auto": the on
 LSTSQ_HELDOUT_EVERY = 4  # lstsq holds every 4th calibration row out to choose the ridge
 LSTSQ_INPUTS = ("pruned", "dense")
 LSTSQ_TARGETS = ("block", "layer")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _steps(recover: str | None) -> list[str]:
@@ -121,10 +122,8 @@ def check_recover_args(steps: list[str], args: dict) -> dict:
         out["mask_clip"] = [float(lo), float(hi)]
     if "kd_seconds" in out and not (isinstance(out["kd_seconds"], (int, float)) and 0 < out["kd_seconds"] < 86_400):
         raise EdgepruneError(f"--recover-time must be between 0 and 24 hours, got {out['kd_seconds']}")
-    if "kd_lr" in out and not out["kd_lr"] > 0:
-        raise EdgepruneError(f"kd_lr must be positive, got {out['kd_lr']}")
-    if "kd_batch" in out and not (isinstance(out["kd_batch"], int) and out["kd_batch"] >= 1):
-        raise EdgepruneError(f"kd_batch must be a positive integer, got {out['kd_batch']}")
+    if "kd_seconds" in out:
+        _check_kd(out, args)
     if "mask_ridge" in out and not out["mask_ridge"] >= 0:
         raise EdgepruneError(f"mask_ridge must be >= 0, got {out['mask_ridge']}")
     if "lstsq_ridge" in out:
@@ -134,6 +133,25 @@ def check_recover_args(steps: list[str], args: dict) -> dict:
     if out.get("lstsq_target", "block") not in LSTSQ_TARGETS:
         raise EdgepruneError(f"lstsq_target must be one of {', '.join(LSTSQ_TARGETS)}, got {out['lstsq_target']}")
     return dict(sorted(out.items()))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_kd(out: dict, args: dict) -> None:
+    """kd's arguments, in place; kd_lr given for neither mode follows kd_lora_rank (see KD_LORA_LR)."""
+    if not (_is_number(out["kd_lr"]) and out["kd_lr"] > 0):
+        raise EdgepruneError(f"kd_lr must be a positive number, got {out['kd_lr']}")
+    if not (isinstance(out["kd_batch"], int) and not isinstance(out["kd_batch"], bool) and out["kd_batch"] >= 1):
+        raise EdgepruneError(f"kd_batch must be a positive integer, got {out['kd_batch']}")
+    if not (_is_number(out["kd_hidden"]) and out["kd_hidden"] >= 0):
+        raise EdgepruneError(f"kd_hidden must be a number >= 0 (the weight of hidden-state matching; 0 turns it off), got {out['kd_hidden']}")
+    if not (isinstance(out["kd_lora_rank"], int) and not isinstance(out["kd_lora_rank"], bool) and out["kd_lora_rank"] >= 0):
+        raise EdgepruneError(f"kd_lora_rank must be an integer >= 0 (0 trains the kept weights fully), got {out['kd_lora_rank']}")
+    out["kd_hidden"] = float(out["kd_hidden"])
+    if out["kd_lora_rank"] and args.get("kd_lr") is None:
+        out["kd_lr"] = KD_LORA_LR
 
 
 def _check_ridge(v):
@@ -540,28 +558,6 @@ def _lstsq_summary(blocks, n_consumers, n_refit, split, ridges, target) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ LoRA
-class LoRALinear(nn.Module):
-    """y = base(x) + scale · (x A^T) B^T, base frozen; B starts at zero so training starts at the pruned model."""
-
-    def __init__(self, base: nn.Linear, rank: int, scale: float, generator: torch.Generator):
-        super().__init__()
-        self.base = base
-        self.scale = scale
-        dev, dt = base.weight.device, base.weight.dtype
-        a = torch.randn(rank, base.in_features, generator=generator, dtype=torch.float32) / math.sqrt(base.in_features)
-        self.lora_A = nn.Parameter(a.to(device=dev, dtype=dt))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dt))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.T) @ self.lora_B.T * self.scale
-
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        lin = self.base
-        lin.weight.add_((self.lora_B.float() @ self.lora_A.float() * self.scale).to(lin.weight.dtype))
-        return lin
-
-
 def lora_ranks(importance: list[float], rank: int, direction: str = "importance") -> list[int]:
     """Per-block ranks whose mean is about `rank`, proportional to importance (or its inverse)."""
     d = torch.tensor(importance, dtype=torch.float64).clamp_min(1e-6)
@@ -572,29 +568,6 @@ def lora_ranks(importance: list[float], rank: int, direction: str = "importance"
     else:
         w = torch.ones_like(d)
     return [int(min(max(1, math.floor(rank * float(x) + 0.5)), 4 * rank)) for x in w]
-
-
-def _attach(pruned, ranks: list[int], scale: float, seed: int) -> list[LoRALinear]:
-    g = torch.Generator().manual_seed(seed)
-    adapters = []
-    for layer, r in zip(arch.layers(pruned), ranks):
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LORA_TARGETS:
-                lin = getattr(parent, name, None)
-                if isinstance(lin, nn.Linear) and lin.in_features and lin.out_features:
-                    ad = LoRALinear(lin, min(r, lin.in_features, lin.out_features), scale, g)
-                    setattr(parent, name, ad)
-                    adapters.append(ad)
-    return adapters
-
-
-def _merge(pruned) -> None:
-    for layer in arch.layers(pruned):
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LORA_TARGETS:
-                mod = getattr(parent, name, None)
-                if isinstance(mod, LoRALinear):
-                    setattr(parent, name, mod.merged())
 
 
 @torch.no_grad()
@@ -624,7 +597,7 @@ def lora_recover(pruned, plan: PrunePlan, stats: CalibrationStats, ids: torch.Te
     flags = {p: p.requires_grad for p in pruned.parameters()}
     for p in pruned.parameters():
         p.requires_grad_(False)
-    adapters = _attach(pruned, ranks, args["lora_alpha"], args["lora_seed"])
+    adapters = attach_lora(pruned, ranks, args["lora_alpha"], args["lora_seed"])
     params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
     opt = torch.optim.AdamW(params, lr=args["lora_lr"], weight_decay=0.0)
     steps, bs = args["lora_steps"], min(args["lora_batch"], len(ids))
@@ -649,7 +622,7 @@ def lora_recover(pruned, plan: PrunePlan, stats: CalibrationStats, ids: torch.Te
             if progress:
                 progress("LoRA recovery", step + 1, steps)
     finally:
-        _merge(pruned)
+        merge_lora(pruned)
         for p, flag in flags.items():
             p.requires_grad_(flag)
         pruned.zero_grad(set_to_none=True)
@@ -677,8 +650,11 @@ def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids:
             if ids is None or len(ids) < 2:
                 raise EdgepruneError("distillation recovery needs at least 2 calibration rows (--nsamples)")
             n_held = max(1, len(ids) // KD_HELDOUT_FRACTION)
+            # plans written before kd_hidden / kd_lora_rank existed lack them: their defaults then
             report[s] = distill(pruned, dense, ids[:-n_held], ids[-n_held:], seconds=args["kd_seconds"], lr=args["kd_lr"],
-                                batch_size=args["kd_batch"], progress=progress)
+                                batch_size=args["kd_batch"], hidden=args.get("kd_hidden", KD_DEFAULTS["kd_hidden"]),
+                                layer_map=[lp.index for lp in plan.layers], lora_rank=args.get("kd_lora_rank", KD_DEFAULTS["kd_lora_rank"]),
+                                progress=progress)
         elif sequential:
             report[s] = sequential_lstsq(pruned, dense, plan, ids, args, progress=progress)
         else:

@@ -122,7 +122,8 @@ def enumerate_candidates(model, stats, base: dict, profile, mix_menu, targets, a
                 continue
             try:
                 plans[(p, drop)] = make_plan(model, stats, base, p, method=allocation, score=score,
-                                             drop_layers=drop, align=align, seed=seed, shapes=shapes)
+                                             drop_layers=drop, align=align, seed=seed, shapes=shapes,
+                                             recover="none")  # fit tries the recoveries itself
             except EdgepruneError:
                 continue  # e.g. dropping layers alone already removes more than p asks
     out = []

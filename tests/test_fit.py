@@ -7,6 +7,7 @@ import pytest
 
 from edgeprune import latency
 from edgeprune.errors import EdgepruneError
+from edgeprune.fit import FIT_BUDGET_S, FIT_RESERVE_S, KD_MIN_S, check_recover_time, fit_reserve_s, kd_time_box
 from edgeprune.profiles import load_profile, write_profile
 from tests.conftest import run_cli
 
@@ -36,8 +37,9 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
     # a decode target 3% above what the dense model is predicted to reach: it must prune
     prof = _profile_with(tmp_path, "tight", decode_tok_s_min=tiny_dense_speed * 1.03, ttft_max_s=None, memory_max=None)
     out = tmp_path / "fit"
+    # kd is on by default; --recover-time forces a short time box (auto would fill fit's 10 minutes)
     r = run_cli("fit", "--profile", prof, "--model", tiny_dir, "--out", out, "--formats", "gguf", "--dtype", "q8_0",
-                "--nsamples", "4", "--seqlen", "32", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
+                "--nsamples", "4", "--seqlen", "32", "--recover-time", "4s", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["dense"]["q8_0"]["targets"]["ok"] is False and report["dense"]["q8_0-output-q5_0"]["targets"]["ok"] is False
@@ -67,7 +69,12 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
     md = (out / "report.md").read_text()
     assert "Chosen" in md and "Quality of what ships, through the runtime" in md
     rec = report["recovery"]  # held-out KL decides which recovery (if any) is kept
-    assert set(rec["tried"]) == {"none", "lstsq", "bias"} and rec["kept"] == min(rec["tried"], key=rec["tried"].get)
+    closed = min(("none", "lstsq", "bias"), key=rec["tried"].get)  # distillation runs on top of the best closed form
+    kd_name = "kd" if closed == "none" else f"{closed}+kd"
+    assert set(rec["tried"]) == {"none", "lstsq", "bias", kd_name} and rec["kept"] == min(rec["tried"], key=rec["tried"].get)
+    kd = report["distillation"]
+    assert kd["time_box"] == {"mode": "forced", "seconds": 4.0, "why": rec["distillation"]} and "--recover-time 4s" in rec["distillation"]
+    assert kd["steps"] >= 1 and isinstance(kd["kept"], bool)
     plan = json.loads((out / "model" / "plan.json").read_text())
     assert plan["method"].get("recover", "none") == rec["kept"]
 
@@ -87,7 +94,8 @@ def test_fit_quality_floor_exits_3_naming_it(tiny_dir, tiny_dense_speed, tmp_pat
     prof = _profile_with(tmp_path, "tight", decode_tok_s_min=tiny_dense_speed * 1.03, ttft_max_s=None, memory_max=None)
     out = tmp_path / "fit"
     r = run_cli("fit", "--profile", prof, "--model", tiny_dir, "--out", out, "--formats", "gguf", "--dtype", "q8_0",
-                "--nsamples", "4", "--seqlen", "32", "--max-quality-loss", "kl:0.0000001", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
+                "--nsamples", "4", "--seqlen", "32", "--max-quality-loss", "kl:0.0000001", "--recover-time", "2s",
+                env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 3, r.stderr[-2000:]
     assert "--max-quality-loss kl:0.0000001" in r.stderr and "Traceback" not in r.stderr
     report = json.loads((out / "report.json").read_text())
@@ -105,6 +113,11 @@ def test_fit_bad_inputs(tiny_dir, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("fit", "--profile", "ci-cpu", "--model", tiny_dir, "--out", tmp_path / "x", "--max-memory", "lots")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    # --recover-time is kd's time box: refused without kd, or when it is not a duration
+    for args, msg in ((["--recover", "lstsq,bias", "--recover-time", "3min"], "add kd to --recover"),
+                      (["--recover-time", "soon"], "--recover-time takes a positive duration")):
+        r = run_cli("fit", "--profile", "ci-cpu", "--model", tiny_dir, "--out", tmp_path / "z", *args)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "z").exists()
     # a bad host profile fails before any work, and nothing is written
     r = run_cli("fit", "--profile", "ci-cpu", "--model", tiny_dir, "--out", tmp_path / "y", "--host-profile", tmp_path / "nope.toml")
     assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "y").exists()
@@ -130,3 +143,42 @@ def test_check_gate_exit_codes(tiny_dir, tmp_path):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     r = run_cli("check", tmp_path / "missing.gguf")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+# ----------------------------------------------------------- kd's time box within fit's 10 minutes
+def test_auto_time_box_grants_what_is_left_of_the_budget():
+    box = kd_time_box(elapsed_s=280.0, reserve_s=150.0)
+    assert FIT_BUDGET_S == 600 and box["mode"] == "auto" and box["seconds"] == pytest.approx(170.0)
+    assert box["left_s"] == pytest.approx(170.0) and box["elapsed_s"] == 280.0 and box["reserve_s"] == 150.0
+    assert "170 s" in box["why"] and "10-minute budget" in box["why"]
+    # just at the minimum it still distills; just under, it skips and says how to force it
+    assert kd_time_box(600.0 - 150.0 - KD_MIN_S, 150.0)["seconds"] == pytest.approx(KD_MIN_S)
+    skip = kd_time_box(428.0, 150.0)
+    assert skip["seconds"] is None and skip["left_s"] == pytest.approx(22.0)
+    assert skip["why"].startswith("distillation skipped: 22 s left of fit's 10-minute budget")
+    assert "pass --recover-time 3min to distill anyway" in skip["why"] and "\n" not in skip["why"]
+    over = kd_time_box(700.0, 150.0)  # already past the budget: nothing negative is granted or printed
+    assert over["seconds"] is None and over["why"].startswith("distillation skipped: 0 s left")
+
+
+def test_forced_time_box_ignores_the_budget():
+    box = kd_time_box(elapsed_s=590.0, reserve_s=150.0, forced_s=180.0)
+    assert box["mode"] == "forced" and box["seconds"] == 180.0 and "--recover-time 180s" in box["why"]
+
+
+def test_reserve_scales_with_the_measured_dense_mixes_step():
+    assert fit_reserve_s(20.0) == FIT_RESERVE_S  # a fast model: the constant floor
+    assert fit_reserve_s(300.0) == pytest.approx(450.0)  # a slow one: 1.5x the same kind of work, measured
+    assert fit_reserve_s(20.0, rebuild_s=140.0) == pytest.approx(FIT_RESERVE_S + 140.0)  # lstsq re-run (and rebuilt)
+    # a slow model on a slow host leaves distillation no time at all
+    assert kd_time_box(elapsed_s=250.0, reserve_s=fit_reserve_s(300.0))["seconds"] is None
+
+
+def test_recover_time_needs_kd_in_fits_list():
+    assert check_recover_time(["lstsq", "bias", "kd"], None) is None and check_recover_time(["kd"], "auto") is None
+    assert check_recover_time(["bias", "kd"], 90.0) == 90.0
+    assert check_recover_time(["bias"], None) is None  # auto without kd: nothing to time
+    with pytest.raises(EdgepruneError, match="add kd to --recover"):
+        check_recover_time(["lstsq", "bias"], 180.0)
+    with pytest.raises(EdgepruneError, match="--recover-time must be between 0 and 24 hours"):
+        check_recover_time(["kd"], 90_000.0)

@@ -250,12 +250,14 @@ def test_comp_condition_score_differs_from_activation(setup):
 
 
 # ----------------------------------------------------------------------------------- heads, plans
-def test_cfsp_default_plan_keeps_attention_and_needs_no_recovery(setup):
+def test_cfsp_default_plan_keeps_attention_and_refits_by_lstsq(setup):
     model, _, _, stats, base = setup
     ours = make_plan(model, stats, base, 0.4, method="cfsp", drop_layers=1)
     assert all(lp.kv_keep == list(range(model.config.num_key_value_heads)) for lp in ours.layers)
     assert len(ours.dropped_layers) == 1
-    assert ours.method["recover"] == "none" and not any(lp.ffn_bias or lp.attn_out_bias for lp in ours.layers)
+    # the default recovery is the sequential lstsq refit, with its intercept as a down_proj bias
+    assert ours.method["recover"] == "lstsq" and ours.method["recover_args"]["lstsq_intercept"] is True
+    assert make_plan(model, stats, base, 0.4, method="cfsp", recover="none").method["recover"] == "none"
 
 
 @pytest.mark.parametrize("method", ["cfsp", "uniform", "fasp"])
