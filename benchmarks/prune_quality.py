@@ -24,7 +24,8 @@ a PNG.
 
     python benchmarks/prune_quality.py                        # the default grid (~90 min here)
     python benchmarks/prune_quality.py --grid full            # every allocation x score x recovery
-    python benchmarks/prune_quality.py --sparsities 0.3 --kd-minutes 1,3
+    python benchmarks/prune_quality.py --sparsities 0.5 --grid target --kd-minutes 1,3 --out b.json
+    python benchmarks/prune_quality.py --merge a.json b.json --out benchmarks/results/prune_quality.json
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ RECOVERIES = ("none", "bias", "lstsq")
 DEFAULT_GRID = [("uniform", "cfsp", "none")] + [(a, "cfsp", r) for a in ("cfsp", "sensitivity") for r in ("none", "lstsq")] + \
                [("cfsp", s, "none") for s in ("activation", "wanda-sp", "condition")] + [("cfsp", "condition", "lstsq")]
 SMOKE_GRID = [("cfsp", "cfsp", "none"), ("sensitivity", "cfsp", "lstsq"), ("cfsp", "condition", "none")]
+TARGET_GRID = [("uniform", "cfsp", "none"), ("cfsp", "cfsp", "none"), ("cfsp", "cfsp", "lstsq")]  # the rows the targets are read from
 
 
 class PeakRSS:
@@ -175,13 +177,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", default="0.2,0.3,0.5")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--grid", choices=("default", "full", "smoke"), default="default")
+    ap.add_argument("--grid", choices=("default", "full", "target", "smoke"), default="default")
     ap.add_argument("--kd-minutes", default="0.2:1,3;0.3:1,3,10;0.5:1,3",
                     help="distillation checkpoints in minutes, per sparsity ('0.3:1,3,10;0.5:1,3') or for all ('1,3,10'); empty: none")
     ap.add_argument("--out", default=str(HERE / "results" / "prune_quality.json"))
+    ap.add_argument("--merge", nargs="+", help="merge these JSON records (same protocol, other sparsities) into --out, plot, print")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge(args.merge, out)
     start = time.perf_counter()
     lm = load_model(args.model)
     windows = token_windows(lm.tokenizer, load_text(DATA / "wikitext2-test.raw"), 512, args.windows)
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
               "dense_ppl": evaluate(lm.model, windows), "rows": [], "distillation": []}
     print(f"dense ppl {record['dense_ppl']:.2f}; calibration {stats.seconds:.0f} s", flush=True)
     grid = {"full": [(a, s, r) for a in ALLOCATIONS for s in SCORES for r in RECOVERIES], "default": DEFAULT_GRID,
-            "smoke": SMOKE_GRID}[args.grid]
+            "target": TARGET_GRID, "smoke": SMOKE_GRID}[args.grid]
     n_total = lm.model.config.intermediate_size * lm.model.config.num_hidden_layers
     for p in (float(x) for x in args.sparsities.split(",")):
         with PeakRSS() as rss:
@@ -244,8 +249,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def merge(paths, out: Path) -> int:
+    """One record from runs of the same protocol at different sparsities (a long grid split in two)."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    record = dict(records[0])
+    record["rows"] = [r for rec in records for r in rec["rows"]]
+    record["distillation"] = [k for rec in records for k in rec["distillation"]]
+    record["runs"] = [{"path": str(p), "total_s": rec.get("total_s"), "sparsities": sorted({r["sparsity"] for r in rec["rows"] if r["allocation"] == "authors"})}
+                      for p, rec in zip(paths, records)]
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    plot(record, out.with_suffix(".png"))
+    print(summary_table(record))
+    return 0
+
+
 def summary_table(record) -> str:
-    lines = ["| FFN sparsity | authors' CFSP | edgeprune default (cfsp, none) | best retraining-free | best + kd 1 / 3 / 10 min |",
+    lines = ["| FFN sparsity | authors' CFSP | cfsp, no recovery | best retraining-free (the default: cfsp + lstsq) | best + kd 1 / 3 / 10 min |",
              "|---|---|---|---|---|"]
     for ref in (r for r in record["rows"] if r["allocation"] == "authors"):
         p = ref["sparsity"]
