@@ -97,10 +97,14 @@ def _standardize(s: torch.Tensor) -> torch.Tensor:
     return (s - s.mean()) / (std if std > 0 else 1.0)
 
 
+def _ranked(scores: torch.Tensor) -> list[int]:
+    """All indices, best score first, ties broken by index (deterministic)."""
+    return [int(i) for i in np.lexsort((np.arange(len(scores)), -scores.double().numpy()))]
+
+
 def _top(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k best scores, ties broken by index (deterministic), sorted."""
-    order = np.lexsort((np.arange(len(scores)), -scores.double().numpy()))
-    return sorted(int(i) for i in order[:k])
+    """Indices of the k best scores, sorted."""
+    return sorted(_ranked(scores)[:k])
 
 
 def _ratios(allocation, stats, kept, keep_mean, temperature, min_keep) -> np.ndarray:
@@ -115,8 +119,7 @@ def _best_first(score, layer, block, seed, index, lo) -> list[int]:
         removed = condition_order(layer, block, layer.mlp.down_proj.in_features - lo)
         gone = set(removed)
         return [j for j in range(layer.mlp.down_proj.in_features) if j not in gone] + removed[::-1]
-    s = ffn_scores(score, layer, block, seed=seed, layer_index=index)
-    return [int(i) for i in np.lexsort((np.arange(len(s)), -s.double().numpy()))]
+    return _ranked(ffn_scores(score, layer, block, seed=seed, layer_index=index))
 
 
 def _keep(score, layer, block, width, seed, index) -> list[int]:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from edgeprune import arch
-from edgeprune.calibrate import block_kwargs, embed, rotary
+from edgeprune.calibrate import embed, rotary, run_block
 from edgeprune.errors import EdgepruneError
 
 STEP = 0.125  # of the FFN width: how far one block may move from CFSP's width (the trust region)
@@ -71,8 +71,7 @@ def _dense_logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def _run(layers, hidden, position):
     for layer in layers:
-        out = layer(hidden, use_cache=False, **block_kwargs(layer, position))
-        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = run_block(layer, hidden, position)
     return hidden
 
 
