@@ -7,6 +7,9 @@ Biases flagged in the plan are created as zeros here; recovery fills them.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
 from torch import nn
 
@@ -117,18 +120,92 @@ def _ensure_bias(lin: nn.Linear) -> None:
         lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
 
 
+def prune_layer(layer, lp, head_dim: int) -> None:
+    """Prune one decoder block in place to what its LayerPlan keeps (and create its bias flags as zeros)."""
+    if len(lp.ffn_keep) != layer.mlp.down_proj.in_features:
+        prune_ffn(layer, lp.ffn_keep)
+    prune_kv_groups(layer, lp.kv_keep, head_dim)
+    if lp.ffn_bias:
+        _ensure_bias(layer.mlp.down_proj)
+    if lp.attn_out_bias:
+        _ensure_bias(layer.self_attn.o_proj)
+
+
+def _finish(model, plan: PrunePlan) -> None:
+    arch.keep_layers(model, [lp.index for lp in plan.layers])
+    model.config.intermediate_size = max(plan.widths()) if plan.layers else model.config.intermediate_size
+
+
 @torch.no_grad()
 def apply_plan(model, plan: PrunePlan) -> None:
     """Prune `model` (the dense base of `plan`) in place."""
     check_plan(plan, model_geometry(model))
     hd = arch.head_dim(model)
-    arch.keep_layers(model, [lp.index for lp in plan.layers])
-    for layer, lp in zip(arch.layers(model), plan.layers):
-        if len(lp.ffn_keep) != layer.mlp.down_proj.in_features:
-            prune_ffn(layer, lp.ffn_keep)
-        prune_kv_groups(layer, lp.kv_keep, hd)
-        if lp.ffn_bias:
-            _ensure_bias(layer.mlp.down_proj)
-        if lp.attn_out_bias:
-            _ensure_bias(layer.self_attn.o_proj)
-    model.config.intermediate_size = max(plan.widths()) if plan.layers else model.config.intermediate_size
+    layers = arch.layers(model)
+    for lp in plan.layers:
+        prune_layer(layers[lp.index], lp, hd)
+    _finish(model, plan)
+
+
+def pruning_in_place(model, plan: PrunePlan):
+    """Prune `model` itself block by block, yielding (index, dense block, pruned block or None, LayerPlan
+    or None) in the dense model's order, what block-wise recovery needs (recover.block_pairs is the
+    same for two models).
+
+    The dense block is a copy made just before that block is pruned and dropped once the caller moves
+    on, so the extra memory is one block, not a second model: what lets a 1B model prune in about its
+    own fp32 size (issue #15). A dropped layer is yielded unpruned (its dense output still feeds the
+    next block's targets) and removed when the iteration ends."""
+    check_plan(plan, model_geometry(model))
+    hd = arch.head_dim(model)
+    kept = {lp.index: lp for lp in plan.layers}
+    for li, layer in enumerate(list(arch.layers(model))):
+        lp = kept.get(li)
+        if lp is None:
+            yield li, layer, None, None
+            continue
+        with torch.no_grad():
+            dense = copy.deepcopy(layer)
+            prune_layer(layer, lp, hd)
+        yield li, dense, layer, lp
+        del dense
+    _finish(model, plan)
+
+
+@contextlib.contextmanager
+def masked(model, plan: PrunePlan):
+    """Run the dense `model` as if pruned by `plan`, without building the pruned model (fit scores many
+    candidate structures: a pruned copy each would cost a model's memory per candidate, issue #15).
+
+    Exact, not approximate: a removed FFN channel's down_proj input and a removed KV group's query
+    heads' o_proj inputs are zeroed (every other channel and head computes what it computes in
+    the pruned model), and the decoder runs only the kept layers. The plan's bias flags are ignored:
+    plans made for the search carry no recovery."""
+    check_plan(plan, model_geometry(model))
+    hd = arch.head_dim(model)
+    layers = arch.layers(model)
+    hooks = []
+
+    def zero_except(keep: torch.Tensor):
+        return lambda module, args: (args[0] * keep.to(args[0].dtype),) + tuple(args[1:])
+
+    for lp in plan.layers:
+        layer = layers[lp.index]
+        n = layer.mlp.down_proj.in_features
+        if len(lp.ffn_keep) < n:
+            keep = torch.zeros(n, device=layer.mlp.down_proj.weight.device)
+            keep[lp.ffn_keep] = 1
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(zero_except(keep)))
+        n_kv = layer.self_attn.k_proj.out_features // hd
+        if len(lp.kv_keep) < n_kv:
+            per_group = layer.self_attn.o_proj.in_features // n_kv
+            keep = torch.zeros(n_kv, per_group, device=layer.self_attn.o_proj.weight.device)
+            keep[lp.kv_keep] = 1
+            hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(zero_except(keep.reshape(-1))))
+    model.model.layers = nn.ModuleList([layers[lp.index] for lp in plan.layers])
+    try:
+        yield model
+    finally:
+        model.model.layers = layers
+        for h in hooks:
+            h.remove()

@@ -37,12 +37,12 @@ class ChannelStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        xd = x.double()
-        self.sumsq += (xd * xd).sum(0)
-        self.sum += xd.sum(0)
+        xd = x.double()  # reduced where x lives (an accelerator), accumulated on the CPU
+        self.sumsq += (xd * xd).sum(0).cpu()
+        self.sum += xd.sum(0).cpu()
         self.tokens += x.shape[0]
         if self.gram is not None:
-            self.gram += (x.T @ x).double()
+            self.gram += (x.T @ x).double().cpu()
 
     @property
     def norm(self) -> torch.Tensor:  # ||X_j||_2 over calibration tokens

@@ -26,10 +26,19 @@ profiles_app = typer.Typer(help="List and show device profiles.", no_args_is_hel
 app.add_typer(profiles_app, name="profiles")
 
 MODEL_HELP = "smollm2-135m (embedded default), a .gguf file, a model directory, or a Hugging Face id"
-DeviceOpt = typer.Option("cpu", "--device", help="torch device (cpu, cuda, mps)")
+DeviceOpt = typer.Option("auto", "--device", help="torch device: auto (CUDA or MPS when torch finds one, else cpu), cpu, cuda, cuda:N, mps")
 DtypeOpt = typer.Option("float32", "--dtype", help="torch compute dtype (float32 is fastest on CPUs without bf16)")
+ThreadsOpt = typer.Option(None, "--threads", help="torch threads for calibration, scoring and recovery (default: torch's own, the physical cores)")
 JsonOpt = typer.Option(False, "--json", help="print a JSON record instead of a table")
 ForceOpt = typer.Option(False, "--force", help="replace an earlier edgeprune output at --out (never anything edgeprune did not write)")
+
+
+def _torch_threads(threads: Optional[int]) -> None:
+    """--threads for torch's intra-op pool (one pool for the whole run; llama.cpp gets its own count)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _load(spec: Optional[str], device: str, dtype: str):
@@ -238,6 +247,7 @@ def prune(
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="re-apply this plan.json exactly instead of computing one (its recovery re-runs)"),
     shapes: str = typer.Option("auto", "--shapes", help="per-layer, uniform (one FFN width and head count in every layer), or auto: "
                                "per-layer where the model's GGUF architecture can hold it (Llama, Mistral, Qwen2), else uniform (Qwen3, Gemma 3)"),
+    threads: Optional[int] = ThreadsOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     force: bool = ForceOpt,
@@ -262,7 +272,7 @@ def prune(
     _positive_finite("--temperature", temperature)
     if not 0.0 <= min_keep <= 1.0:
         raise EdgepruneError(f"--min-keep is a fraction of each block's channels, in [0, 1]; got {min_keep}")
-    for flag, value, minimum in (("--align", align, 1), ("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2),
+    for flag, value, minimum in (("--align", align, 1), ("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--threads", threads, 1),
                                  ("--lora-steps", lora_steps, 1), ("--lora-rank", lora_rank, 1), ("--drop-layers", drop_layers, 0)):
         _int_at_least(flag, value, minimum)
     if calib != "self" and not calib.startswith("dataset:") and not Path(calib).expanduser().is_file():
@@ -286,6 +296,7 @@ def prune(
                 recover=recover, lora_steps=lora_steps, lora_rank=lora_rank, drop_layers=drop_layers, target=target, align=align,
                 temperature=temperature, min_keep=min_keep, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, plan=plan_file,
                 shapes=shapes)
+    _torch_threads(threads)
     report = run_header("prune", args)
     t0 = time.perf_counter()
     lm = _load(model, device, dtype)
@@ -485,7 +496,7 @@ def fit(
     nsamples: int = typer.Option(32, "--nsamples"),
     seqlen: int = typer.Option(128, "--seqlen"),
     seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="threads for the host benchmark (default: the host profile's threads, which its prediction assumes)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads for torch (calibration, search, recovery) and the host benchmark (default: torch's own; the benchmark uses the host profile's threads, which its prediction assumes)"),
     host_profile: str = typer.Option("ci-cpu", "--host-profile", help="profile whose constants predict this host's figures"),
     recover: str = typer.Option("lstsq,bias,kd", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none; kd distills from the dense model on top of the best"),
     recover_time: str = typer.Option("auto", "--recover-time", help="time box of kd: auto (what is left of fit's 10-minute budget after the reserve for export, verification and the quality report; skipped under 30 s) or a duration like 3min, 90s, 300"),
@@ -504,6 +515,7 @@ def fit(
     _int_at_least("--nsamples", nsamples, 1)
     _int_at_least("--seqlen", seqlen, 2)
     _int_at_least("--threads", threads, 1)
+    _torch_threads(threads)
     _positive_finite("--min-tokens-per-s", min_tokens_per_s)
     _positive_finite("--max-ttft-s", max_ttft_s)
     if max_memory is not None:

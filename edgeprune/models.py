@@ -332,13 +332,19 @@ def torch_dtype_of(name) -> torch.dtype:
 
 
 def check_device(device: str) -> str:
-    """A torch device that exists on this machine (cpu, cuda, cuda:N, mps)."""
+    """A torch device that exists on this machine (cpu, cuda, cuda:N, mps), or "auto": the
+    accelerator torch finds (CUDA, then MPS), else the CPU."""
+    if str(device).strip().lower() == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
     try:
         dev = torch.device(str(device).strip())
     except (RuntimeError, ValueError, TypeError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise EdgepruneError(f"--device {str(device)[:40]!r} is not a device edgeprune runs on: use cpu, cuda, cuda:N or mps")
+        raise EdgepruneError(f"--device {str(device)[:40]!r} is not a device edgeprune runs on: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise EdgepruneError(f"--device {device}: no CUDA GPU is available to this torch ({torch.__version__}); use --device cpu")
@@ -424,6 +430,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
     """Load `spec` (see module docstring) in eval mode on `device`."""
     spec = spec or DEFAULT_MODEL
     torch_dtype = torch_dtype_of(dtype)
+    device = check_device(device)
     path = named_model_path(spec, progress) or Path(spec).expanduser()
     if path.is_dir():
         if (path / "plan.json").is_file():

@@ -9,7 +9,7 @@ from edgeprune import arch
 from edgeprune.calibrate import CalibrationStats, calibrate
 from edgeprune.checkpoint import save_pruned
 from edgeprune.data import calibration_ids
-from edgeprune.apply import apply_plan
+from edgeprune.apply import apply_plan, pruning_in_place
 from edgeprune.exporters.common import atomic_dir
 from edgeprune.plan import PrunePlan, base_description
 from edgeprune.prune import make_plan, pruned_copy
@@ -44,13 +44,17 @@ def _recalibrate_for(lm, plan: PrunePlan, progress=None):
 
 def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePlan | None = None, report: dict | None = None,
                    ids=None, progress=None, inplace: bool = False, **plan_args):
-    """Make (or re-apply) a plan, prune a copy of the dense model, run the plan's recovery, and write
+    """Make (or re-apply) a plan, prune the dense model, run the plan's recovery, and write
     checkpoint + plan + report + PNG atomically. `plan_args` go to prune.make_plan.
+
+    `inplace`: the dense model itself becomes the pruned one (the CLI's prune: it is not needed
+    afterwards), block by block when a closed-form recovery runs, so peak memory is the model plus
+    one block; kd keeps a pruned copy, since it distills from the dense model.
 
     Recovery needs calibration statistics (with Gram matrices for lstsq/mask) and, for LoRA, the
     calibration ids; when they are not given (re-applying a plan) one fresh pass over the plan's
     own calibration data provides them."""
-    from edgeprune.recover import needs, recover
+    from edgeprune.recover import CLOSED_FORM, needs, recover
 
     timings = {}
     t = time.perf_counter()
@@ -64,18 +68,25 @@ def prune_and_save(lm, stats: CalibrationStats | None, out: Path, plan: PrunePla
     if need["stats"] and (stats is None or (need["gram"] and stats.blocks[0].ffn.gram is None) or (need["ids"] and ids is None)):
         ids, stats, cal_t = _recalibrate_for(lm, plan, progress)
         timings.update({f"recovery_{k}": v for k, v in cal_t.items()})
+    steps = [x for x in plan.method["recover"].split("+") if x != "none"]
+    in_place = inplace and "kd" not in steps and (not steps or steps[0] in CLOSED_FORM)
     t = time.perf_counter()
-    if inplace and not need["stats"]:  # recovery compares with the dense model: keep it then
-        apply_plan(lm.model, plan)
-        pruned = lm.model
-    else:
-        pruned = pruned_copy(lm.model, plan)
-    timings["apply_s"] = time.perf_counter() - t
     recovery = {}
-    if need["stats"]:
-        t = time.perf_counter()
-        recovery = recover(pruned, lm.model, plan, stats, ids, progress=progress)
+    if in_place and steps:  # pruned block by block inside the dense model: one block of extra memory
+        recovery = recover(lm.model, None, plan, stats, ids, progress=progress, blocks=pruning_in_place(lm.model, plan))
+        pruned = lm.model
         timings["recover_s"] = time.perf_counter() - t
+    else:
+        if in_place:
+            apply_plan(lm.model, plan)
+            pruned = lm.model
+        else:  # kd distills from the dense model: keep it
+            pruned = pruned_copy(lm.model, plan)
+        timings["apply_s"] = time.perf_counter() - t
+        if need["stats"]:
+            t = time.perf_counter()
+            recovery = recover(pruned, lm.model, plan, stats, ids, progress=progress)
+            timings["recover_s"] = time.perf_counter() - t
     t = time.perf_counter()
     with atomic_dir(Path(out)) as tmp:
         save_pruned(pruned, lm.tokenizer, plan, tmp)

@@ -18,11 +18,10 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.families import family_of
 from edgeprune.importance import FFN_SCORES
 from edgeprune.plan import PrunePlan
-from edgeprune.recover import bias_flags, check_recover_args
+from edgeprune.recover import CLOSED_FORM as CLOSED_FORM_RECOVERIES, bias_flags, check_recover_args
 
 METHODS = ("cfsp", "uniform", "flap", "fasp", "comp")
 SHAPES = ("auto", "per-layer", "uniform")  # auto: per-layer where the model's GGUF architecture can hold them
-CLOSED_FORM_RECOVERIES = ("bias", "lstsq", "mask")
 TRAINED_RECOVERIES = ("lora", "kd")  # retraining on calibration tokens: LoRA on next-token loss, or distillation
 RECOVERIES = ("none",) + CLOSED_FORM_RECOVERIES + TRAINED_RECOVERIES
 COMP_SCORES = ("condition",) + FFN_SCORES

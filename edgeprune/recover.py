@@ -69,6 +69,8 @@ from edgeprune.distill import KD_DEFAULTS, KD_LORA_LR, LoRALinear, attach_lora, 
 from edgeprune.errors import EdgepruneError
 from edgeprune.plan import PrunePlan
 
+CLOSED_FORM = ("bias", "lstsq", "mask")  # the recoveries solved in closed form from calibration data, one block at a time
+
 DEFAULTS = {
     "bias": {},
     "lstsq": {"lstsq_ridge": "auto", "lstsq_intercept": True, "lstsq_inputs": "pruned", "lstsq_target": "block"},
@@ -253,19 +255,30 @@ def _attn_channels(kv_keep: list[int], q_per_group: int, head_dim: int) -> torch
                         dtype=torch.long)
 
 
-def _consumers(pruned, dense, plan: PrunePlan, stats: CalibrationStats):
+def block_pairs(pruned, dense, plan: PrunePlan):
+    """(index, dense block, pruned block or None, LayerPlan or None) in the dense model's order, for a
+    pruned copy next to its dense model (apply.pruning_in_place yields the same for one model)."""
+    kept = {lp.index: (pos, lp) for pos, lp in enumerate(plan.layers)}
+    pruned_layers = arch.layers(pruned)
+    for li, dl in enumerate(arch.layers(dense)):
+        pos, lp = kept.get(li, (None, None))
+        yield li, dl, (None if pos is None else pruned_layers[pos]), lp
+
+
+def _consumers(blocks, plan: PrunePlan, stats: CalibrationStats):
     """(pruned linear, dense weight, channel stats, kept input channels, name) for every pruned consumer."""
     hd = plan.base["head_dim"]
     q_per_group = plan.queries_per_group
-    dense_layers = arch.layers(dense)
-    for pos, (layer, lp) in enumerate(zip(arch.layers(pruned), plan.layers)):
-        dl, block = dense_layers[lp.index], stats.blocks[lp.index]
+    for li, dl, layer, lp in blocks:
+        if lp is None:
+            continue
+        block = stats.blocks[li]
         if len(lp.ffn_keep) < dl.mlp.down_proj.in_features:
             yield (layer.mlp.down_proj, dl.mlp.down_proj.weight.detach(), block.ffn,
-                   torch.tensor(lp.ffn_keep, dtype=torch.long), f"layer {lp.index} down_proj", lp.ffn_bias)
+                   torch.tensor(lp.ffn_keep, dtype=torch.long), f"layer {li} down_proj", lp.ffn_bias)
         if len(lp.kv_keep) < plan.base["kv_heads"]:
             yield (layer.self_attn.o_proj, dl.self_attn.o_proj.weight.detach(), block.attn,
-                   _attn_channels(lp.kv_keep, q_per_group, hd), f"layer {lp.index} o_proj", lp.attn_out_bias)
+                   _attn_channels(lp.kv_keep, q_per_group, hd), f"layer {li} o_proj", lp.attn_out_bias)
 
 
 @torch.no_grad()
@@ -277,10 +290,10 @@ def _write(lin: nn.Linear, weight: torch.Tensor, bias_delta: torch.Tensor | None
         lin.bias.add_(bias_delta.to(lin.bias.dtype))
 
 
-def closed_form(pruned, dense, plan: PrunePlan, stats: CalibrationStats, kind: str, args: dict) -> dict:
-    """Apply one of bias / lstsq / mask to every pruned consumer of `pruned` in place."""
+def closed_form(blocks, plan: PrunePlan, stats: CalibrationStats, kind: str, args: dict) -> dict:
+    """Apply one of bias / lstsq / mask to every pruned consumer in `blocks` (block_pairs) in place."""
     done, scales = 0, []
-    for lin, w, st, keep, name, has_bias in _consumers(pruned, dense, plan, stats):
+    for lin, w, st, keep, name, has_bias in _consumers(blocks, plan, stats):
         if kind == "bias":
             new, delta = bias_solution(w, st, keep)
         elif kind == "lstsq":
@@ -456,12 +469,14 @@ def _refit_consumer(layer, name: str, lin: nn.Linear, h_in: torch.Tensor, h_in_d
 
 
 @torch.no_grad()
-def sequential_lstsq(pruned, dense, plan: PrunePlan, ids: torch.Tensor, args: dict, batch_size: int = 8, progress=None) -> dict:
+def sequential_lstsq(blocks, model, plan: PrunePlan, ids: torch.Tensor, args: dict, batch_size: int = 8, progress=None) -> dict:
     """lstsq on the pruned network's own inputs, block by block (sequential error feedback), with
     the ridge of every consumer chosen on held-out calibration rows ("unchanged" when none helps).
+    `blocks` is block_pairs(...) or apply.pruning_in_place(...); `model` gives the embedding and
+    rotary tables (the pruned and dense models share them).
 
     Memory: four copies of the calibration hidden states (dense and pruned, in and out, plus the
-    dense consumers' outputs) and one consumer's normal equations; `pruned` is changed in place."""
+    dense consumers' outputs) and one consumer's normal equations; pruned blocks change in place."""
     if ids is None or len(ids) == 0 or ids.shape[1] < 2:
         raise EdgepruneError("lstsq recovery needs the calibration token ids (at least one row of 2 tokens)")
     rows, seqlen = ids.shape
@@ -469,38 +484,37 @@ def sequential_lstsq(pruned, dense, plan: PrunePlan, ids: torch.Tensor, args: di
     intercept = args.get("lstsq_intercept", True)
     target = args.get("lstsq_target", "block")
     split = heldout_split(rows, seqlen)
-    h_d = embed(dense, ids, batch_size)
+    h_d = embed(model, ids, batch_size)
     h_p = h_d.clone()  # the pruned model shares the dense embedding
-    pos_d, pos_p = rotary(dense, seqlen, h_d[:1]), rotary(pruned, seqlen, h_p[:1])
-    kept = {lp.index: pos for pos, lp in enumerate(plan.layers)}
-    dense_layers, pruned_layers = arch.layers(dense), arch.layers(pruned)
-    blocks = []
-    for li, dl in enumerate(dense_layers):
-        kw_d = block_kwargs(dl, pos_d)
-        if li not in kept:  # a dropped layer: the dense stream goes through it, the pruned one skips it
+    position = rotary(model, seqlen, h_d[:1])
+    post_norm = {name: _post_norm(model, name) for name in ("o_proj", "down_proj")}
+    n_layers = plan.base["num_layers"]
+    out = []
+    for li, dl, pl, lp in blocks:
+        kw_d = block_kwargs(dl, position)
+        if lp is None:  # a dropped layer: the dense stream goes through it, the pruned one skips it
             h_d = _run(dl, h_d, kw_d, batch_size)
         else:
-            lp, pl = plan.layers[kept[li]], pruned_layers[kept[li]]
-            kw_p = block_kwargs(pl, pos_p)
+            kw_p = block_kwargs(pl, position)
             todo = []
             if len(lp.kv_keep) < plan.base["kv_heads"]:  # o_proj first: its output feeds the FFN
                 todo.append(("o_proj", pl.self_attn.o_proj, dl.self_attn.o_proj, lp.attn_out_bias))
             if len(lp.ffn_keep) < dl.mlp.down_proj.in_features:
                 todo.append(("down_proj", pl.mlp.down_proj, dl.mlp.down_proj, lp.ffn_bias))
             if todo:
-                h_out_d, rep = _refit_block(dense, li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, batch_size)
-                blocks.append(rep)
+                h_out_d, rep = _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, post_norm, batch_size)
+                out.append(rep)
             else:
                 h_out_d = _run(dl, h_d, kw_d, batch_size)
             h_d, h_p = h_out_d, _run(pl, h_p, kw_p, batch_size)  # the next block's inputs, after this one's refit
         if progress:
-            progress("lstsq recovery", li + 1, len(dense_layers))
-    n_consumers = sum(len(b["consumers"]) for b in blocks)
-    n_refit = sum(c["ridge"] != "unchanged" for b in blocks for c in b["consumers"].values())
-    return _lstsq_summary(blocks, n_consumers, n_refit, split, ridges, target)
+            progress("lstsq recovery", li + 1, n_layers)
+    n_consumers = sum(len(b["consumers"]) for b in out)
+    n_refit = sum(c["ridge"] != "unchanged" for b in out for c in b["consumers"].values())
+    return _lstsq_summary(out, n_consumers, n_refit, split, ridges, target)
 
 
-def _refit_block(dense, li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, batch_size):
+def _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, post_norm, batch_size):
     """(dense block output, report): every pruned consumer of block `li` refit in turn."""
     # the dense block once, keeping its consumers' outputs (the "layer" targets, and o_proj's "block" one)
     ys = {name: [] for name, *_ in todo}
@@ -524,7 +538,7 @@ def _refit_block(dense, li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, i
         # follows the consumer (Gemma 3's post-norms) the block output is not linear in the
         # weights, so there (and with lstsq_target="layer") the dense consumer output on the
         # dense inputs is the target.
-        tgt = "layer" if target == "layer" or _post_norm(dense, name) else "block"
+        tgt = "layer" if target == "layer" or post_norm[name] else "block"
         info = _refit_consumer(pl, name, lin, h_p, h_d, h_out_d, ys[name], tgt, kw_p, split, ridges, intercept, batch_size)
         info["target"] = tgt
         report["consumers"][name] = info
@@ -634,9 +648,16 @@ def lora_recover(pruned, plan: PrunePlan, stats: CalibrationStats, ids: torch.Te
 
 
 # --------------------------------------------------------------------------------- the entry point
-def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids: torch.Tensor | None = None, progress=None) -> dict:
-    """Run the recovery recorded in `plan.method` on `pruned` (made from `dense` by apply_plan)."""
+def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids: torch.Tensor | None = None, progress=None,
+            blocks=None) -> dict:
+    """Run the recovery recorded in `plan.method` on `pruned` (made from `dense` by apply_plan).
+
+    In place (dense None): `pruned` is the dense model and `blocks` is apply.pruning_in_place(pruned,
+    plan), which prunes it block by block while the closed-form step runs; lora may follow, kd cannot
+    (it needs the dense model as teacher)."""
     steps = _steps(plan.method["recover"])
+    if dense is None and (blocks is None or "kd" in steps or not any(s in CLOSED_FORM for s in steps)):
+        raise EdgepruneError("recovery in place needs pruning_in_place blocks and a closed-form step (bias, lstsq or mask), and no kd")
     args = plan.method["recover_args"]
     report = {}
     for s in steps:
@@ -656,11 +677,13 @@ def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids:
                                 layer_map=[lp.index for lp in plan.layers], lora_rank=args.get("kd_lora_rank", KD_DEFAULTS["kd_lora_rank"]),
                                 progress=progress)
         elif sequential:
-            report[s] = sequential_lstsq(pruned, dense, plan, ids, args, progress=progress)
+            report[s] = sequential_lstsq(blocks or block_pairs(pruned, dense, plan), pruned, plan, ids, args, progress=progress)
         else:
             if s == "lstsq" and stats.blocks[0].ffn.gram is None and ids is not None:
+                if dense is None:
+                    raise EdgepruneError("the one-pass lstsq variant in place needs Gram matrices from the calibration pass")
                 stats = calibrate(dense, ids, gram=True)  # the one-pass variant needs the dense Gram: one pass of its own
-            report[s] = closed_form(pruned, dense, plan, stats, s, args)
+            report[s] = closed_form(blocks or block_pairs(pruned, dense, plan), plan, stats, s, args)
             if s == "lstsq":
                 report[s]["inputs"] = "dense"
         report[s]["seconds"] = time.perf_counter() - t

@@ -10,13 +10,21 @@ from pathlib import Path
 from edgeprune import __version__
 
 
+def _torch_threads() -> int | None:
+    import sys
+
+    torch = sys.modules.get("torch")  # only when loaded: a header never imports torch by itself
+    return torch.get_num_threads() if torch is not None else None
+
+
 def run_header(command: str, args: dict) -> dict:
     return {
         "edgeprune": __version__,
         "command": command,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()},
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"machine": platform.machine(), "python": platform.python_version(), "node": platform.node()},
+        "host": {"machine": platform.machine(), "python": platform.python_version(), "node": platform.node(),
+                 "torch_threads": _torch_threads()},
     }
 
 

@@ -27,7 +27,8 @@ from edgeprune import arch, dtypes, latency
 from edgeprune.errors import EdgepruneError
 from edgeprune.geometry import ModelGeometry
 from edgeprune.plan import PrunePlan
-from edgeprune.prune import make_plan, pruned_copy
+from edgeprune.apply import masked
+from edgeprune.prune import make_plan
 
 SPARSITY_GRID = tuple(round(x, 2) for x in np.arange(0.0, 0.81, 0.05))
 DROP_GRID = (0, 2, 4, 6)
@@ -211,9 +212,8 @@ def structure_kls(lm, keys, dense_lp, heldout, candidates, progress=None) -> dic
         if plan is None:
             kls[key] = 0.0
         else:
-            pruned = pruned_copy(lm.model, plan)
-            kls[key] = kl_to_dense(dense_lp, pruned, heldout)
-            del pruned
+            with masked(lm.model, plan) as pruned:
+                kls[key] = kl_to_dense(dense_lp, pruned, heldout)
         if progress:
             progress(n + 1, len(keys))
     return kls

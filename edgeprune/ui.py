@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -38,18 +39,29 @@ def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
 
 
+def eta(elapsed: float, done: int, total: int) -> str:
+    """' (12s, ~36s left)': elapsed time and the remaining time at the rate so far ('' before the first step)."""
+    if done <= 0 or elapsed <= 0:
+        return ""
+    if done >= total:
+        return f" ({elapsed:.0f}s)"
+    return f" ({elapsed:.0f}s, ~{elapsed / done * (total - done):.0f}s left)"
+
+
 @contextlib.contextmanager
 def progress(quiet: bool = False):
     """Yield a callback `update(label, done, total)` that drives one bar per label."""
     if quiet or not err.is_terminal and not sys.stderr.isatty():
-        last = {}
+        last, started = {}, {}
 
-        def plain(label, done, total):  # non-interactive: a line per 25% so CI logs show life
+        def plain(label, done, total):  # non-interactive: a line per 25% so CI logs show life, with an ETA
+            now = time.monotonic()
+            t0, d0 = started.setdefault(label, (now, done))  # the first report: the rate counts from there
             step = max(total // 4, 1)
             if done == total or done // step != last.get(label, -1):
                 last[label] = done // step
                 if not quiet:
-                    err.print(f"  {escape(label)}: {done}/{total}")
+                    err.print(f"  {escape(label)}: {done}/{total}{escape(eta(now - t0, done - d0, total - d0))}")
 
         yield plain
         return

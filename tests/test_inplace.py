@@ -1,0 +1,103 @@
+"""Pruning in place (the CLI's prune, issue #15): the dense model itself becomes the pruned one, block
+by block, with one dense block copied at a time; the result must equal pruning a copy."""
+
+import copy
+
+import pytest
+import torch
+
+from edgeprune import arch
+from edgeprune.apply import pruning_in_place
+from edgeprune.calibrate import calibrate
+from edgeprune.errors import EdgepruneError
+from edgeprune.plan import base_description
+from edgeprune.prune import make_plan, pruned_copy
+from edgeprune.recover import recover
+from edgeprune.testing import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    yield
+
+
+CASES = [  # family, recovery, heads, dropped layers
+    ("llama", "lstsq", True, 1),
+    ("qwen3", "lstsq", False, 0),
+    ("gemma3", "lstsq", True, 0),
+    ("llama", "bias", True, 0),
+    ("llama", "mask", False, 1),
+]
+
+
+@pytest.mark.parametrize("family,recovery,heads,drop", CASES)
+def test_in_place_equals_pruned_copy(family, recovery, heads, drop):
+    model, tok = tiny_model(family, layers=4, ffn=256, seed=3)
+    ids = torch.randint(0, len(tok), (8, 40), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, ids, gram=recovery == "mask")
+    args = {"lstsq_intercept": False} if family != "llama" and recovery == "lstsq" else None
+    plan = make_plan(model, stats, base_description(model, "tiny", "x"), 0.4, heads=heads, target="linear" if heads else "ffn",
+                     drop_layers=drop, recover=recovery, recover_args=args, shapes="per-layer")
+    reference = pruned_copy(model, plan)
+    rep_copy = recover(reference, model, plan, stats, ids)
+    blocks = pruning_in_place(model, plan)
+    seen = []
+    rep_inplace = recover(model, None, plan, stats, ids, blocks=(seen.append(b[0]) or b for b in blocks))
+    assert seen == list(range(plan.base["num_layers"]))  # every dense block, in order, dropped ones too
+    assert arch.layer_shapes(model) == arch.layer_shapes(reference)
+    assert len(arch.layers(model)) == len(plan.layers) == model.config.num_hidden_layers
+    for (n, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), n
+    if recovery == "lstsq":
+        assert rep_inplace[recovery]["refit"] == rep_copy[recovery]["refit"] > 0
+    with torch.no_grad():
+        assert torch.equal(model(ids[:2]).logits, reference(ids[:2]).logits)
+
+
+def test_in_place_refuses_kd_and_missing_blocks():
+    model, tok = tiny_model("llama", layers=2, ffn=128)
+    ids = torch.randint(0, len(tok), (4, 16), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, ids)
+    plan = make_plan(model, stats, base_description(model, "tiny", "x"), 0.3, recover="lstsq+kd",
+                     recover_args={"kd_seconds": 1}, shapes="per-layer")
+    with pytest.raises(EdgepruneError, match="in place"):
+        recover(model, None, plan, stats, ids, blocks=pruning_in_place(model, plan))
+    plan = make_plan(model, stats, base_description(model, "tiny", "x"), 0.3, recover="lstsq", shapes="per-layer")
+    with pytest.raises(EdgepruneError, match="in place"):
+        recover(model, None, plan, stats, ids)
+
+
+def test_in_place_copies_one_block_at_a_time(monkeypatch):
+    """The only deep copies are single decoder blocks, never the model."""
+    model, tok = tiny_model("llama", layers=3, ffn=128)
+    ids = torch.randint(0, len(tok), (4, 16), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, ids)
+    plan = make_plan(model, stats, base_description(model, "tiny", "x"), 0.3, recover="lstsq", shapes="per-layer")
+    copied = []
+    real = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: copied.append(type(x).__name__) or real(x, *a))
+    recover(model, None, plan, stats, ids, blocks=pruning_in_place(model, plan))
+    layer_cls = type(arch.layers(model)[0]).__name__
+    assert copied and set(copied) == {layer_cls}
+
+
+@pytest.mark.parametrize("family,heads,drop", [("llama", True, 1), ("qwen2", True, 0), ("gemma3", True, 1), ("qwen3", False, 1)])
+def test_masked_model_computes_the_pruned_model(family, heads, drop):
+    """fit scores candidates through apply.masked instead of pruned copies: same logits."""
+    from edgeprune.apply import masked
+
+    model, tok = tiny_model(family, layers=4, ffn=256, seed=5)
+    ids = torch.randint(0, len(tok), (4, 40), generator=torch.Generator().manual_seed(1))
+    stats = calibrate(model, ids)
+    plan = make_plan(model, stats, base_description(model, "tiny", "x"), 0.4, heads=heads, target="linear" if heads else "ffn",
+                     drop_layers=drop, recover="none", shapes="per-layer")
+    reference = pruned_copy(model, plan)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with torch.no_grad():
+        want = reference(ids).logits
+        with masked(model, plan) as m:
+            got = m(ids).logits
+        dense_after = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(arch.layers(model)) == 4 and all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert not torch.allclose(dense_after, want)  # the mask is gone afterwards
