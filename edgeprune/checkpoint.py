@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import load_file
 
 from edgeprune import arch
@@ -70,22 +71,33 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
     check_safetensors(weights)
     try:
         config = AutoConfig.for_model(model_type, **cfg_dict)
-        model = AutoModelForCausalLM.from_config(config)  # transformers' class, never the directory's modeling_edgeprune.py
-        hd = arch.head_dim(model)
-        for layer, shape in zip(arch.layers(model), shapes):
-            arch.resize_layer(layer, shape, hd)
+        # Built without storage (parameters on the meta device; buffers such as rotary tables are
+        # real) and given the file's tensors as they are: one copy of the weights, not a random
+        # init plus the loaded ones (a 1B checkpoint peaked at 2x its size, issue #15).
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)  # transformers' class, never the directory's modeling_edgeprune.py
+            hd = arch.head_dim(model)
+            for layer, shape in zip(arch.layers(model), shapes):
+                arch.resize_layer(layer, shape, hd)
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise EdgepruneError(f"{path}/config.json does not describe a model edgeprune can build: {first_line(exc)}") from None
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors' own error type is not importable by a stable name
         raise EdgepruneError(f"{weights} cannot be read ({first_line(exc)}): re-create the checkpoint") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of another shape than the config's
+        raise EdgepruneError(f"{path} does not match its own shapes ({first_line(exc)})") from None
+    del state
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise EdgepruneError(f"{path} does not match its own shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if config.tie_word_embeddings:
         model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise EdgepruneError(f"{path} does not match its own shapes (no weights for {empty[:3]})")
     model = model.to(device=device, dtype=dtype).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)

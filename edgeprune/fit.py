@@ -122,6 +122,24 @@ def kd_time_box(elapsed_s: float, reserve_s: float, forced_s: float | None = Non
             "why": f"--recover-time auto: {left:.0f} s, what is left of fit's {budget_s / 60:g}-minute budget ({spent})"}
 
 
+# Full-weight distillation keeps, per trained fp32 parameter, its gradient and AdamW's two moments
+# (12 bytes) on top of the weights; the logits of teacher and student at vocabulary width come on top.
+KD_BYTES_PER_TRAINED_PARAM = 12
+KD_MEMORY_MARGIN = 0.8  # of the memory available when distillation would start
+
+
+def kd_memory_check(plan: PrunePlan, vocab: int, tokens_per_step: int, available_bytes: int) -> dict:
+    """Whether full-weight distillation of `plan`'s model fits the memory left (issue #15: on a 1B
+    model its AdamW state alone is ~8 GB): {"ok", "needed_bytes", "available_bytes", "why"}."""
+    trained = plan.achieved["params_pruned"] - plan.achieved["params_embedding"]
+    logits = 4 * 4 * vocab * tokens_per_step  # teacher and student logits and their log-softmaxes, fp32
+    needed = KD_BYTES_PER_TRAINED_PARAM * trained + logits
+    ok = needed <= KD_MEMORY_MARGIN * available_bytes
+    why = "" if ok else (f"distillation skipped: training {trained / 1e6:.0f}M decoder weights needs about {needed / 2**30:.1f} GiB "
+                         f"(gradients, AdamW state, logits) and {available_bytes / 2**30:.1f} GiB is available")
+    return {"ok": ok, "needed_bytes": int(needed), "available_bytes": int(available_bytes), "why": why}
+
+
 def identity_plan(lm, base: dict, desc: dict) -> PrunePlan:
     """The dense model as a plan (fit's answer when the dense model already meets the targets)."""
     cfg = lm.model.config
@@ -482,6 +500,12 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         # the kd trial re-runs the best closed form before distilling, and a rejected kd rebuilds it once more
         box = kd_box(2 * trial_s.get(best, 0.0)) if kd_box else {"mode": "default", "seconds": KD_DEFAULTS["kd_seconds"],
                                                               "why": "the default time box of kd"}
+        if box["seconds"] is not None:
+            import psutil
+
+            mem = kd_memory_check(chosen.plan, lm.model.config.vocab_size, KD_DEFAULTS["kd_batch"] * calib.shape[1],
+                                  psutil.virtual_memory().available)
+            box = {**box, "memory": mem} if mem["ok"] else {**box, "seconds": None, "why": mem["why"], "memory": mem}
         kd_note = box["why"]
         if box["seconds"] is None:
             report["distillation"] = {"skipped": True, "time_box": box}

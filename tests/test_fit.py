@@ -182,3 +182,16 @@ def test_recover_time_needs_kd_in_fits_list():
         check_recover_time(["lstsq", "bias"], 180.0)
     with pytest.raises(EdgepruneError, match="--recover-time must be between 0 and 24 hours"):
         check_recover_time(["kd"], 90_000.0)
+
+
+def test_distillation_is_skipped_when_its_training_state_does_not_fit_memory():
+    """A 1B-class student: ~0.7B trained weights need ~8 GiB of gradients and AdamW state."""
+    from types import SimpleNamespace
+
+    from edgeprune.fit import kd_memory_check
+
+    plan = SimpleNamespace(achieved={"params_pruned": 960_000_000, "params_embedding": 262_000_000})
+    small = kd_memory_check(plan, vocab=128256, tokens_per_step=512, available_bytes=6 * 2**30)
+    assert not small["ok"] and small["why"].startswith("distillation skipped: training 698M decoder weights")
+    assert small["needed_bytes"] == 12 * 698_000_000 + 16 * 128256 * 512
+    assert kd_memory_check(plan, 128256, 512, 40 * 2**30)["ok"]
