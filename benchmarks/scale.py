@@ -111,21 +111,26 @@ def stage_child(argv: list[str]) -> int:
     return 0
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_rss(pid: int) -> tuple[int, int]:
+    """(RSS, anonymous RSS) of `pid` and its children. The difference is file-backed pages: the
+    safetensors weights transformers memory-maps (clean page cache the kernel can drop and re-read),
+    which RSS counts as soon as a forward pass has touched them."""
     import psutil
 
     try:
         p = psutil.Process(pid)
         procs = [p] + p.children(recursive=True)
     except psutil.Error:
-        return 0
-    total = 0
+        return 0, 0
+    total = anon = 0
     for q in procs:
         try:
-            total += q.memory_info().rss
+            m = q.memory_info()
+            total += m.rss
+            anon += m.rss - m.shared  # Linux: shared = RssFile + RssShmem
         except psutil.Error:
             pass
-    return total
+    return total, anon
 
 
 def run_measured(cmd: list[str], env: dict, timeout_s: float, log_dir: Path, tag: str) -> dict:
@@ -133,13 +138,19 @@ def run_measured(cmd: list[str], env: dict, timeout_s: float, log_dir: Path, tag
     On timeout the group gets SIGTERM (edgeprune removes its temporaries), then SIGKILL after 30 s."""
     out_path, err_path = log_dir / f"{tag}.stdout", log_dir / f"{tag}.stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        import psutil
+
+        # A child's ru_maxrss starts at the spawning process's RSS (exec keeps the forked address
+        # space's high-water mark): at or under that it says nothing about the child.
+        spawner_rss = psutil.Process().memory_info().rss
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
-        peak, done, timed_out = [0], threading.Event(), [False]
+        peak, peak_anon, done, timed_out = [0], [0], threading.Event(), [False]
 
         def sample():
             while not done.wait(0.2):
-                peak[0] = max(peak[0], _tree_rss(proc.pid))
+                rss, anon = _tree_rss(proc.pid)
+                peak[0], peak_anon[0] = max(peak[0], rss), max(peak_anon[0], anon)
 
         def watchdog():
             if done.wait(timeout_s):
@@ -167,10 +178,12 @@ def run_measured(cmd: list[str], env: dict, timeout_s: float, log_dir: Path, tag
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     code = proc.returncode
     ru = usage.ru_maxrss * 1024  # KiB on Linux
+    peak_rss = max(ru, peak[0]) if ru > spawner_rss else peak[0]
     stdout = out_path.read_text(errors="replace")
     stderr_tail = [line for line in err_path.read_text(errors="replace").splitlines() if line.strip()][-3:]
     return {"wall_s": wall, "exit_code": code, "timed_out": timed_out[0], "signal": -code if code < 0 else None,
-            "peak_rss_bytes": max(ru, peak[0]), "ru_maxrss_bytes": ru, "tree_rss_peak_bytes": peak[0],
+            "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": ru, "tree_rss_peak_bytes": peak[0],
+            "peak_anon_rss_bytes": peak_anon[0],
             "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "report": _last_json(stdout),
             "stderr_tail": stderr_tail if code != 0 else [], "stdout_path": str(out_path), "stderr_path": str(err_path)}
 
@@ -299,6 +312,7 @@ def run_model(name: str, stages: list[str], args, log_dir: Path) -> list[dict]:
             rows.append(row)
             note = f" ({' | '.join(r['stderr_tail'])})" if r["exit_code"] else ""
             print(f"  {stage:9s} exit {r['exit_code']:3d}  {r['wall_s']:8.1f} s  peak RSS {r['peak_rss_bytes'] / GB:6.2f} GB  "
+                  f"(anonymous {r.get('peak_anon_rss_bytes', 0) / GB:.2f} GB)  "
                   f"({row['rss_ratio']:.2f}x fp32){' TIMED OUT' if r['timed_out'] else ''}{note}", flush=True)
             if stage == "prune" and r["exit_code"] != 0 and "export" in todo:
                 print("  export skipped: prune failed", flush=True)
@@ -312,7 +326,7 @@ def run_model(name: str, stages: list[str], args, log_dir: Path) -> list[dict]:
 
 
 def _measure_fields(r: dict) -> dict:
-    return {k: r[k] for k in ("wall_s", "exit_code", "timed_out", "signal", "peak_rss_bytes", "ru_maxrss_bytes", "tree_rss_peak_bytes",
+    return {k: r[k] for k in ("wall_s", "exit_code", "timed_out", "signal", "peak_rss_bytes", "ru_maxrss_bytes", "tree_rss_peak_bytes", "peak_anon_rss_bytes",
                               "user_s", "sys_s", "stderr_tail")}
 
 
@@ -441,7 +455,7 @@ def fmt_s(s) -> str:
 
 
 def table(record: dict) -> str:
-    lines = ["| model | params | stage | exit | wall | peak RSS | RSS / fp32 | own timings |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | stage | exit | wall | peak RSS | anonymous | RSS / fp32 | own timings |", "|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         t = r.get("timings") or {}
         own = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in t.items() if isinstance(v, (int, float)) and k != "total_s")
@@ -450,7 +464,8 @@ def table(record: dict) -> str:
                                      and r.get("timings", {}).get("distillation_s") else "")
         code = f"{r['exit_code']}{' timeout' if r.get('timed_out') else ''}"
         lines.append(f"| {r['model']} | {(r.get('params') or 0) / 1e6:.1f}M | {r['stage']}{extra} | {code} | {wall} "
-                     f"| {r['peak_rss_bytes'] / GB:.2f} GB | {r.get('rss_ratio', float('nan')):.2f} | {own[:130]} |")
+                     f"| {r['peak_rss_bytes'] / GB:.2f} GB | {(r.get('peak_anon_rss_bytes') or 0) / GB:.2f} GB "
+                     f"| {r.get('rss_ratio', float('nan')):.2f} | {own[:130]} |")
     return "\n".join(lines)
 
 
