@@ -140,9 +140,12 @@ def run_measured(cmd: list[str], env: dict, timeout_s: float, log_dir: Path, tag
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         import psutil
 
-        # A child's ru_maxrss starts at the spawning process's RSS (exec keeps the forked address
-        # space's high-water mark): at or under that it says nothing about the child.
-        spawner_rss = psutil.Process().memory_info().rss
+        # A child's ru_maxrss starts at the spawning process's own high-water mark (exec keeps the
+        # forked or vforked address space's peak, not its current RSS): at or under that peak it
+        # says nothing about the child, so only the sampled tree counts then.
+        import resource
+
+        spawner_rss = max(psutil.Process().memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, start_new_session=True)
         peak, peak_anon, done, timed_out = [0], [0], threading.Event(), [False]

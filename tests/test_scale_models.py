@@ -148,6 +148,11 @@ def scale():
 def test_run_measured_peak_rss_and_timeout(scale, tmp_path):
     import os
 
+    # A spawner whose past peak is far above its current RSS (pytest after a fit test): the child's
+    # ru_maxrss inherits that peak and must not be taken for the child's.
+    big = bytearray(1024 * 2**20)
+    big[::4096] = b"x" * len(big[::4096])
+    del big
     grow = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5); print('{\"ok\": 1}')"
     r = scale.run_measured([sys.executable, "-c", grow], dict(os.environ), 60, tmp_path, "grow")
     assert r["exit_code"] == 0 and r["report"] == {"ok": 1}
