@@ -36,8 +36,8 @@ from edgeprune.pipeline import base_of, prune_and_save
 from edgeprune.plan import LayerPlan, PrunePlan
 from edgeprune.profiles import load_profile, parse_bytes
 from edgeprune.prune import gguf_safe_args, with_recovery
-from edgeprune.recover import check_recover_args, needs
-from edgeprune.report import run_header
+from edgeprune.recover import CLOSED_FORM, check_recover_args, needs
+from edgeprune.report import memory_now, run_header
 
 # fit's promise (issue #12): the default run, distillation included, ends within 10 minutes on the
 # reference 2-core CPU. Distillation is the one step whose length is a choice, so with
@@ -191,6 +191,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     report = run_header("fit", dict(model=model_spec, profile=profile_name, out=out, min_tok_s=min_tok_s, max_memory=max_memory,
                                     max_ttft=max_ttft, dtype=dtype, formats=list(formats), nsamples=nsamples, seqlen=seqlen, seed=seed,
                                     max_quality_loss=max_quality_loss))
+    report["memory"] = memory = {}  # by phase, filled as the fit goes
     report["profile"] = {"name": profile.name, "source": profile.source, "targets": dataclasses.asdict(targets),
                          "memory_budget": profile.memory.budget, "export": dataclasses.asdict(profile.export),
                          "latency": profile.latency.to_dict()}
@@ -198,6 +199,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     t = time.perf_counter()
     lm = load_model(model_spec, progress=log)
     timings["load_s"] = time.perf_counter() - t
+    memory["load"] = memory_now()
     base = base_of(lm)
 
     t = time.perf_counter()
@@ -211,6 +213,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     use_imatrix = fmt == "gguf"
     dense_imatrix = collect_imatrix(lm.model, calib) if use_imatrix else None
     timings["calibration_s"] = time.perf_counter() - t
+    memory["calibration"] = memory_now()
 
     t = time.perf_counter()
     menu = search.mixes(dtype_order, fmt)
@@ -225,6 +228,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     candidates = search.enumerate_candidates(lm.model, stats, base, profile, menu, targets, profile.export.width_multiple, seed=seed,
                                              imatrix=use_imatrix, shapes=shapes["shapes"])
     timings["enumerate_s"] = time.perf_counter() - t
+    memory["enumerate"] = memory_now()
     report["dense"] = {c.mix: c.to_dict() for c in candidates if c.plan is None}
     for c in candidates:
         if c.plan is None:
@@ -236,6 +240,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         feasible = sorted({(c.dtype, c.head) for c in candidates if c.check.ok}, key=menu.index)
         dense_exports, quant = _dense_mixes(lm, fmt, feasible, dense_imatrix, dense_lp, held, seqlen, tmp, log, step("dense quantizations"))
         timings["quant_kl_s"] = time.perf_counter() - t
+        memory["quant_kl"] = memory_now()
 
         t = time.perf_counter()
         keys = search.to_evaluate(candidates)
@@ -244,6 +249,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
             c.kl_structure = kls.get(c.key)
             c.kl_quant = quant.get((c.dtype, c.head))
         timings["quality_s"] = time.perf_counter() - t
+        memory["quality"] = memory_now()
         report["candidates"] = [c.to_dict() for c in candidates if c.kl_structure is not None or c.check.ok]
         report["search"] = {"evaluated_structures": len(keys), "candidates": len(candidates), "mixes": [search.mix_label(*m) for m in menu],
                             "feasible": sum(c.check.ok for c in candidates),
@@ -261,7 +267,9 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         # The proxy ranks; the artifacts decide: each finalist is built, exported as it would ship and
         # scored through the runtime on the held-out text (the best pruned and the best dense mix).
         t = time.perf_counter()
-        refs = {"held": [x.numpy() for x in dense_lp], "text": shipped.dense_reference(lm.model, text_windows := shipped.excerpt_windows(lm.tokenizer))}
+        (tmp / "reference").mkdir()
+        text_windows = shipped.excerpt_windows(lm.tokenizer)
+        refs = {"held": [x.numpy() for x in dense_lp], "text": shipped.dense_reference(lm.model, text_windows, tmp / "reference")}
         dense_text_ppl = shipped.reference_ppl(refs["text"], text_windows)
         trials = []
         for c in finalists:
@@ -295,6 +303,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         report["finalists"] = [{"label": tr["candidate"].label, "held_out_kl": tr["held_out_kl"], "excerpt": tr["excerpt"],
                                 "ppl_ratio_vs_dense_torch": tr["ppl_ratio"], "within_floor": _within_floor(tr, floor)} for tr in trials]
         timings["finalists_s"] = time.perf_counter() - t
+        memory["finalists"] = memory_now()
         if not allowed:
             report["result"] = {"ok": False, "unreachable": [f"quality floor {max_quality_loss}"], "closest": finalists[0].to_dict()}
             _finish(out, report, timings, t_start, candidates, None, targets, profile)
@@ -326,10 +335,12 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         report["quality"] = _quality_table(lm, fmt, artifacts, dense_exports, chosen, held.numpy(), text_windows, refs, dense_text_ppl,
                                            tmp, prompts, log)
         timings["quality_report_s"] = time.perf_counter() - t
+        memory["quality_report"] = memory_now()
 
         t = time.perf_counter()
         _bench(artifacts, dense_exports.get((chosen.dtype, chosen.head)), fmt, chosen, plan, host, threads, bench_rounds, bench_repeats, log)
         timings["bench_s"] = time.perf_counter() - t
+        memory["bench"] = memory_now()
 
     report["result"] = {"ok": True, "chosen": chosen.to_dict(), "why": why, "checkpoint": str(out / "model"),
                         "artifacts": {k: v for k, v in artifacts.items() if k != "imatrix"}, "imatrix": artifacts.get("imatrix"),
@@ -484,7 +495,9 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         return pruned, plan
     tried, trial_s = {"none": chosen.kl_structure}, {}
     last = trial = None  # (name, model, plan) of the newest trial: its checkpoint is the one on disk
-    for name in [r for r in recoveries if r != "kd"]:
+    # cheapest first: the newest trial's checkpoint is the one on disk, and the dearest (lstsq) is the
+    # one that usually wins, so it is seldom built twice
+    for name in sorted((r for r in recoveries if r != "kd"), key=lambda r: CLOSED_FORM.index(r) if r in CLOSED_FORM else len(CLOSED_FORM)):
         last = trial = None  # free the previous trial before building the next
         t = time.perf_counter()
         plan = with_recovery(chosen.plan, name, gguf_safe_args(lm.model, name))

@@ -28,6 +28,20 @@ def run_header(command: str, args: dict) -> dict:
     }
 
 
+def memory_now() -> dict:
+    """This process's memory: peak RSS so far (ru_maxrss; llama.cpp runs in-process, so its mapped
+    models count), current RSS, and the anonymous part of it (RSS less file-backed pages, which the
+    kernel can drop: memory-mapped weights and GGUFs)."""
+    import resource
+
+    import psutil
+
+    m = psutil.Process().memory_info()  # read after ru_maxrss, which the kernel updates lazily: take the larger
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, m.rss)
+    return {"peak_rss_bytes": peak, "rss_bytes": m.rss,
+            "anon_rss_bytes": m.rss - getattr(m, "shared", 0)}
+
+
 def write_json(path: Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n")
 

@@ -79,6 +79,12 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
     assert kd["steps"] >= 1 and isinstance(kd["kept"], bool)
     plan = json.loads((out / "model" / "plan.json").read_text())
     assert plan["method"].get("recover", "none") == rec["kept"]
+    # peak memory by phase, for sizing a fit of a bigger model: never falling, anonymous within RSS
+    mem = report["memory"]
+    assert list(mem)[:3] == ["load", "calibration", "enumerate"] and "finalists" in mem and "bench" in mem
+    peaks = [m["peak_rss_bytes"] for m in mem.values()]
+    assert peaks == sorted(peaks) and peaks[0] > 0
+    assert all(0 < m["anon_rss_bytes"] <= m["rss_bytes"] <= m["peak_rss_bytes"] for m in mem.values())
 
 
 def test_fit_impossible_target_exits_3(tiny_dir, tmp_path):
