@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from edgeprune import arch
+from edgeprune import arch, mapped
 from edgeprune.errors import EdgepruneError
 from edgeprune.plan import PrunePlan
 
@@ -132,7 +132,11 @@ def prune_layer(layer, lp, head_dim: int) -> None:
 
 
 def _finish(model, plan: PrunePlan) -> None:
-    arch.keep_layers(model, [lp.index for lp in plan.layers])
+    kept = {lp.index for lp in plan.layers}
+    dropped = [layer for i, layer in enumerate(arch.layers(model)) if i not in kept]
+    before = mapped.tensor_spans(t for layer in dropped for t in layer.state_dict(keep_vars=True).values())
+    arch.keep_layers(model, sorted(kept))
+    mapped.release_replaced(model, before)  # the dropped layers' memory-mapped weights
     model.config.intermediate_size = max(plan.widths()) if plan.layers else model.config.intermediate_size
 
 
@@ -143,7 +147,9 @@ def apply_plan(model, plan: PrunePlan) -> None:
     hd = arch.head_dim(model)
     layers = arch.layers(model)
     for lp in plan.layers:
+        before = mapped.tensor_spans(layers[lp.index].state_dict(keep_vars=True).values())
         prune_layer(layers[lp.index], lp, hd)
+        mapped.release_replaced(layers[lp.index], before)
     _finish(model, plan)
 
 
@@ -153,8 +159,9 @@ def pruning_in_place(model, plan: PrunePlan):
     same for two models).
 
     The dense block is a copy made just before that block is pruned and dropped once the caller moves
-    on, so the extra memory is one block, not a second model: what lets a 1B model prune in about its
-    own fp32 size (issue #15). A dropped layer is yielded unpruned (its dense output still feeds the
+    on, so the extra memory is one block, not a second model, and the pages of memory-mapped weights
+    the pruned block no longer uses are given back (edgeprune.mapped): what lets a 1B model prune in
+    about its own fp32 size (issue #15). A dropped layer is yielded unpruned (its dense output still feeds the
     next block's targets) and removed when the iteration ends."""
     check_plan(plan, model_geometry(model))
     hd = arch.head_dim(model)
@@ -166,7 +173,9 @@ def pruning_in_place(model, plan: PrunePlan):
             continue
         with torch.no_grad():
             dense = copy.deepcopy(layer)
+            before = mapped.tensor_spans(layer.state_dict(keep_vars=True).values())
             prune_layer(layer, lp, hd)
+            mapped.release_replaced(layer, before, keep=(dense,))  # the replaced weights' mapped pages
         yield li, dense, layer, lp
         del dense
     _finish(model, plan)

@@ -103,4 +103,5 @@ def load_pruned(path: Path, device: str = "cpu", dtype: torch.dtype = torch.floa
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise EdgepruneError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from None
-    return LoadedModel(model, tokenizer, spec or str(path), str(path.resolve()), dir_fingerprint(path), plan=plan)
+    return LoadedModel(model, tokenizer, spec or str(path), str(path.resolve()), dir_fingerprint(path), plan=plan,
+                       weights=str(path.resolve()))

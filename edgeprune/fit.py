@@ -13,6 +13,7 @@ Exit code 3 (with the impossible target and the closest point) when nothing meet
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import tempfile
 import time
@@ -31,7 +32,7 @@ from edgeprune.exporters.common import atomic_file
 from edgeprune.exporters.llamacpp_quantize import quantize_gguf
 from edgeprune.fit_report import write_outputs
 from edgeprune.imatrix import collect_imatrix, write_imatrix_gguf
-from edgeprune.models import load_model
+from edgeprune.models import load_model, reload
 from edgeprune.pipeline import base_of, prune_and_save
 from edgeprune.plan import LayerPlan, PrunePlan
 from edgeprune.profiles import load_profile, parse_bytes
@@ -271,9 +272,21 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         text_windows = shipped.excerpt_windows(lm.tokenizer)
         refs = {"held": [x.numpy() for x in dense_lp], "text": shipped.dense_reference(lm.model, text_windows, tmp / "reference")}
         dense_text_ppl = shipped.reference_ppl(refs["text"], text_windows)
+        # What needs the dense model itself is done now; it is then let go while the finalists are
+        # built, each from a fresh read of its files pruned in place (a 1B fit held the dense model
+        # and a pruned copy at once, issue #15): the full-precision exports are written first.
+        full_precision = {}
+        for c in finalists:
+            if c.plan is None and (c.dtype, c.head) not in dense_exports:
+                full_precision[(c.dtype, c.head)] = path = tmp / f"dense.{c.mix}.{fmt}"
+                export_artifact(lm.model, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False)
+        if fmt == "gguf" and not (tmp / "dense.f32.gguf").exists():  # the quality table's baselines are made from it
+            export_artifact(lm.model, lm.tokenizer, "gguf", "f32", tmp / "dense.f32.gguf", verify=False)
+        lm.model = None
+        gc.collect()
         trials = []
         for c in finalists:
-            pruned, plan, imat = (lm.model, None, dense_imatrix)
+            pruned, plan, imat = (None, None, dense_imatrix)
             if c.plan is not None:
                 def kd_box(rebuild_s: float) -> dict:  # asked just before distilling: the trials before it count
                     return kd_time_box(time.perf_counter() - t_start, fit_reserve_s(timings["quant_kl_s"], rebuild_s), kd_forced)
@@ -284,10 +297,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                 path = tmp / f"candidate.{c.mix}.{fmt}"
                 export_artifact(pruned, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False, imatrix=imat, head=c.head)
             else:
-                path = dense_exports.get((c.dtype, c.head))
-                if path is None:  # full precision: export it for the runtime measurement
-                    path = tmp / f"dense.{c.mix}.{fmt}"
-                    export_artifact(lm.model, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False)
+                path = dense_exports.get((c.dtype, c.head)) or full_precision[(c.dtype, c.head)]
             fn = runtime_logits_fn(fmt, path, max(seqlen, shipped.TEXT_SEQLEN))  # one runtime instance for both scores
             q = shipped.window_quality(fn, text_windows, refs["text"])
             # a dense mix's held-out KL was measured on this very file by _dense_mixes
@@ -332,7 +342,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                                     "use": f"llama-quantize --imatrix {out / 'imatrix.gguf'} (llama.cpp's own tool)"}
 
         t = time.perf_counter()
-        report["quality"] = _quality_table(lm, fmt, artifacts, dense_exports, chosen, held.numpy(), text_windows, refs, dense_text_ppl,
+        report["quality"] = _quality_table(base["tied_embeddings"], fmt, artifacts, dense_exports, chosen, held.numpy(), text_windows, refs, dense_text_ppl,
                                            tmp, prompts, log)
         timings["quality_report_s"] = time.perf_counter() - t
         memory["quality_report"] = memory_now()
@@ -345,7 +355,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     report["result"] = {"ok": True, "chosen": chosen.to_dict(), "why": why, "checkpoint": str(out / "model"),
                         "artifacts": {k: v for k, v in artifacts.items() if k != "imatrix"}, "imatrix": artifacts.get("imatrix"),
                         "plan": {"widths": plan.widths(), "dropped_layers": plan.dropped_layers, "achieved": plan.achieved},
-                        "speed_bound": latency.speed_bound(search.geometry_of(lm.model, chosen.plan), chosen.dtype,
+                        "speed_bound": latency.speed_bound(search.geometry_of(pruned, chosen.plan), chosen.dtype,
                                                            "llama.cpp" if fmt == "gguf" else "onnxruntime", chosen.head)}
     log("what bounds decode: " + report["result"]["speed_bound"]["says"])
     _finish(out, report, timings, t_start, candidates, chosen, targets, profile)
@@ -412,8 +422,9 @@ def _ship(model, tokenizer, chosen, fmt, formats, imatrix, out: Path, log) -> di
     return artifacts
 
 
-def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, dense_text_ppl, tmp, prompts, log) -> dict:
-    """What ships beside the dense baselines, all through their runtimes on the same held-out text."""
+def _quality_table(tied: bool, fmt, artifacts, dense_exports, chosen, held, text, refs, dense_text_ppl, tmp, prompts, log) -> dict:
+    """What ships beside the dense baselines, all through their runtimes on the same held-out text (the
+    GGUF baselines are quantized from the dense F32 GGUF written before the finalists)."""
     prompt_set = shipped.load_prompts() if prompts else None
     rows = {}
     if "gguf" in artifacts:
@@ -422,11 +433,9 @@ def _quality_table(lm, fmt, artifacts, dense_exports, chosen, held, text, refs, 
         rows[f"shipped (ONNX {artifacts['onnx']['dtype']})"] = ("onnx", artifacts["onnx"]["path"])
     if fmt == "gguf":
         f32 = tmp / "dense.f32.gguf"
-        if not f32.exists():  # no quantized mix was feasible: the baselines still need the F32 source
-            export_artifact(lm.model, lm.tokenizer, "gguf", "f32", f32, verify=False)
         for d in DENSE_BASELINES:  # as llama.cpp users make them: no imatrix, llama.cpp's own mix
             path = tmp / f"baseline.{d}.gguf"
-            quantize_gguf(f32, path, d, tied=bool(lm.model.config.tie_word_embeddings))
+            quantize_gguf(f32, path, d, tied=tied)
             rows[f"dense {d} (llama.cpp default)"] = ("gguf", path)
         if (chosen.dtype, chosen.head) in dense_exports and chosen.plan is not None:
             rows[f"dense {search.mix_label(chosen.dtype, chosen.head)} + imatrix (same mix, unpruned)"] = ("gguf", dense_exports[(chosen.dtype, chosen.head)])
@@ -485,11 +494,25 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
     held-out calibration rows and leaves a block unchanged when no ridge helps there).
     With "kd" in `recoveries`, distillation from the dense model then runs on top of the kept one,
     time-boxed by `kd_box(rebuild_s)` (kd_time_box's answer; the default: KD_DEFAULTS' time box),
-    and is kept only when it lowers the held-out KL too. The dense model is never pruned in place
-    here: it is the teacher and the reference."""
+    and is kept only when it lowers the held-out KL too.
+
+    Each trial is built from the dense model read again from its files (models.reload) and pruned in
+    place, so a trial costs its own size and one block, not the dense model beside it; kd, which
+    distills from the dense model, prunes a copy of it. `lm.model` is None on return: fit holds the
+    dense model only while it needs it."""
+    def build(name: str, extra: dict | None = None, progress=None):
+        lm.model = lm.model if lm.model is not None else reload(lm)
+        plan = chosen.plan if name == "none" else with_recovery(chosen.plan, name, gguf_safe_args(lm.model, name, extra))
+        built = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"}, progress=progress,
+                               inplace=True)
+        lm.model = None  # pruned in place, or (kd) copied: either way the dense model is let go
+        return built
+
     if chosen.plan is None:
+        lm.model = lm.model if lm.model is not None else reload(lm)
         pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=identity_plan(lm, base, desc),
                                          report={"from": "edgeprune fit"}, inplace=True)
+        lm.model = None
         earlier = report.get("recovery")  # what the pruned finalist tried (distillation included) stays on record
         report["recovery"] = {"kept": "none", "tried": {}, **({"pruned_finalist": earlier} if earlier else {})}
         return pruned, plan
@@ -500,8 +523,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
     for name in sorted((r for r in recoveries if r != "kd"), key=lambda r: CLOSED_FORM.index(r) if r in CLOSED_FORM else len(CLOSED_FORM)):
         last = trial = None  # free the previous trial before building the next
         t = time.perf_counter()
-        plan = with_recovery(chosen.plan, name, gguf_safe_args(lm.model, name))
-        trial, plan, rep = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
+        trial, plan, rep = build(name)
         trial_s[name] = time.perf_counter() - t
         tried[name] = search.kl_to_dense(dense_lp, trial, held)
         summary = (rep.get("recovery") or {}).get(name, {}).get("summary")
@@ -516,7 +538,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         if box["seconds"] is not None:
             import psutil
 
-            mem = kd_memory_check(chosen.plan, lm.model.config.vocab_size, KD_DEFAULTS["kd_batch"] * calib.shape[1],
+            mem = kd_memory_check(chosen.plan, base["vocab"], KD_DEFAULTS["kd_batch"] * calib.shape[1],
                                   psutil.virtual_memory().available)
             box = {**box, "memory": mem} if mem["ok"] else {**box, "seconds": None, "why": mem["why"], "memory": mem}
         kd_note = box["why"]
@@ -526,10 +548,8 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         else:
             last = trial = None
             name = "kd" if best == "none" else f"{best}+kd"
-            plan = with_recovery(chosen.plan, name, gguf_safe_args(lm.model, name, {"kd_seconds": box["seconds"]}))
             log(f"recovery {name}: distilling from the dense model for {box['seconds']:.0f} s ({box['why']})")
-            trial, plan, rep = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"},
-                                              progress=progress)
+            trial, plan, rep = build(name, {"kd_seconds": box["seconds"]}, progress=progress)
             tried[name] = search.kl_to_dense(dense_lp, trial, held)
             kd = rep.get("recovery", {}).get("kd") or {}
             report["distillation"] = {**kd, "time_box": box}
@@ -543,7 +563,6 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         _, pruned, plan = last  # already saved under out/model
     else:
         last = trial = None  # free the rejected trial before pruning again
-        plan = chosen.plan if best == "none" else with_recovery(chosen.plan, best, gguf_safe_args(lm.model, best))
-        pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"})
+        pruned, plan, _ = build(best)
     log(f"kept recovery: {best}")
     return pruned, plan

@@ -23,6 +23,7 @@ class LoadedModel:
     fingerprint: str  # sha256 of the source weights (file hash for GGUF, files for HF dirs)
     plan: object | None = None  # PrunePlan when the model is an edgeprune checkpoint
     info: dict = field(default_factory=dict)
+    weights: str | None = None  # the checked local directory the weights came from (models.reload reads it again)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -438,7 +438,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
 
             return load_pruned(path, device=device, dtype=torch_dtype, spec=spec)
         model, tokenizer = _load_hf_dir(str(path), device, torch_dtype)
-        return LoadedModel(model, tokenizer, spec, str(path.resolve()), dir_fingerprint(path))
+        return LoadedModel(model, tokenizer, spec, str(path.resolve()), dir_fingerprint(path), weights=str(path.resolve()))
     if path.is_file():
         arch = _check_gguf(path)
         digest = sha256_file(path)
@@ -446,7 +446,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         model, tokenizer = _load_hf_dir(str(hf_dir), device, torch_dtype)
         agreement = _source_agreement(model, tokenizer, path, hf_dir, progress)
         return LoadedModel(model, tokenizer, spec, str(path.resolve()), digest,
-                           info={"gguf_architecture": arch, "llamacpp_agreement": agreement})
+                           info={"gguf_architecture": arch, "llamacpp_agreement": agreement}, weights=str(hf_dir))
     check_model_spec(spec)  # a missing local path is reported as missing, not as a hub failure
     try:
         from huggingface_hub import snapshot_download
@@ -456,4 +456,18 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         raise EdgepruneError(f"cannot fetch '{spec}' from the Hugging Face hub ({type(exc).__name__}); "
                              "offline? pass a local directory or .gguf file instead") from None
     model, tokenizer = _load_hf_dir(local, device, torch_dtype)
-    return LoadedModel(model, tokenizer, spec, spec, dir_fingerprint(Path(local)))
+    return LoadedModel(model, tokenizer, spec, spec, dir_fingerprint(Path(local)), weights=str(local))
+
+
+def reload(lm: LoadedModel, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A fresh copy of `lm`'s model from the directory it was loaded from (its GGUF's cached
+    conversion, or the checkpoint), without the hashing and llama.cpp check load_model did: lets fit
+    let go of the dense model while it builds its finalist and read it back when it needs it (issue #15)."""
+    if lm.weights is None:
+        raise EdgepruneError(f"{lm.spec} was not loaded from a directory: it cannot be reloaded")
+    path = Path(lm.weights)
+    if (path / "plan.json").is_file():
+        from edgeprune.checkpoint import load_pruned
+
+        return load_pruned(path, device=device, dtype=dtype, spec=lm.spec).model
+    return _load_hf_dir(str(path), device, dtype)[0]

@@ -18,6 +18,27 @@ def test_loads_hf_directory(tiny_dir):
     assert lm.model(ids).logits.shape == (1, ids.shape[1], len(lm.tokenizer))
 
 
+def test_reload_reads_the_same_weights_again(tiny_dir, tmp_path):
+    """fit lets the dense model go while it builds finalists and reads it back (issue #15)."""
+    from edgeprune.models import reload
+    from edgeprune.pipeline import calibration_pass, prune_and_save
+
+    lm = load_model(str(tiny_dir))
+    again = reload(lm)
+    assert again is not lm.model and lm.weights == str(tiny_dir.resolve())
+    want = lm.model.state_dict()
+    assert all(torch.equal(t, want[n]) for n, t in again.state_dict().items()) and not again.training
+    _, stats, _ = calibration_pass(lm, "self", nsamples=4, seqlen=16)
+    prune_and_save(lm, stats, tmp_path / "p", sparsity=0.3, recover="none")
+    pruned = load_model(str(tmp_path / "p"))  # an edgeprune checkpoint: per-layer shapes rebuilt again
+    assert pruned.weights == str((tmp_path / "p").resolve())
+    want = pruned.model.state_dict()
+    assert all(torch.equal(t, want[n]) for n, t in reload(pruned).state_dict().items())
+    lm.weights = None
+    with pytest.raises(EdgepruneError, match="cannot be reloaded"):
+        reload(lm)
+
+
 def test_missing_path_is_one_line_error():
     with pytest.raises(EdgepruneError, match="model not found"):
         load_model("/no/such/model.gguf")

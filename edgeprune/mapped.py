@@ -1,0 +1,77 @@
+"""Give back the pages of memory-mapped weights that pruning has replaced.
+
+transformers maps a safetensors file privately (copy-on-write) and its tensors are views into the
+mapping: once a pass has touched them, their pages count in RSS until the whole file is unmapped,
+which never happens while one of its tensors lives (the embedding always does). Pruning a model in
+place puts new, smaller tensors beside the old ones, so a 1B model pruned at 30% held its mapped
+dense weights plus the pruned copy: 8.7 GB for a 4.9 GB model (issue #15).
+
+`release(tensors)` tells the kernel the pages of tensors nobody uses any more are not needed
+(madvise MADV_DONTNEED). For clean pages of a private file mapping that is always safe: a later
+read faults them back in from the file. Only tensors that lie wholly inside a file-backed mapping
+are touched (anonymous memory would be zeroed instead), only whole pages inside each tensor (a
+neighbour's bytes may share the edge pages), and only on Linux; elsewhere it is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+import torch
+
+MADV_DONTNEED = 4  # Linux
+_PAGE = mmap.PAGESIZE
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of regular files (from /proc/self/maps)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith("/") and parts[4] != "0":  # inode 0: anonymous
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                spans.append((start, end))
+    return spans
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return None
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def tensor_spans(tensors) -> set[tuple[int, int]]:
+    return {s for s in map(_byte_span, tensors) if s is not None}
+
+
+def release(spans) -> int:
+    """Drop the file-backed pages inside `spans` ((start, end) byte ranges of tensors no longer in use);
+    returns the bytes given back."""
+    if not sys.platform.startswith("linux") or not spans:
+        return 0
+    maps = _file_mappings()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    freed = 0
+    for start, end in spans:
+        if not any(a <= start and end <= b for a, b in maps):
+            continue
+        lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+        if hi > lo and libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+            freed += hi - lo
+    return freed
+
+
+def _storage_span(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()  # the whole storage, not the view: conservative for slices and transposes
+    return s.data_ptr(), s.data_ptr() + s.nbytes()
+
+
+def release_replaced(module: torch.nn.Module, before: set[tuple[int, int]], keep=()) -> int:
+    """Release the spans in `before` (taken from `module` before it was changed) that no tensor of
+    `module` or of the modules in `keep` still overlaps."""
+    live = [_storage_span(t) for m in (module, *keep) for t in m.state_dict(keep_vars=True).values() if t.device.type == "cpu"]
+    return release({(a, b) for a, b in before if not any(a < y and x < b for x, y in live)})
