@@ -160,12 +160,16 @@ def pruning_in_place(model, plan: PrunePlan):
 
     The dense block is a copy made just before that block is pruned and dropped once the caller moves
     on, so the extra memory is one block, not a second model, and the pages of memory-mapped weights
-    the pruned block no longer uses are given back (edgeprune.mapped): what lets a 1B model prune in
-    about its own fp32 size (issue #15). A dropped layer is yielded unpruned (its dense output still feeds the
-    next block's targets) and removed when the iteration ends."""
+    the pruned block no longer uses are given back (edgeprune.mapped), the blocks still to come paged
+    out until their turn: what lets a 1B model prune in about its pruned size plus one block (issue
+    #15). A dropped layer is yielded unpruned (its dense output still feeds the next block's
+    targets) and removed when the iteration ends."""
     check_plan(plan, model_geometry(model))
     hd = arch.head_dim(model)
     kept = {lp.index: lp for lp in plan.layers}
+    # a calibration pass left every block's mapped weights resident: let them go, each block is read
+    # back from the file when its turn comes
+    mapped.page_out(t for layer in arch.layers(model) for t in layer.state_dict(keep_vars=True).values())
     for li, layer in enumerate(list(arch.layers(model))):
         lp = kept.get(li)
         if lp is None:

@@ -353,6 +353,7 @@ class _Normal:
         f = dict(dtype=torch.float64, device=device)
         self.xx, self.xy = torch.zeros(k, k, **f), torch.zeros(k, d, **f)
         self.sx, self.sy, self.n = torch.zeros(k, **f), torch.zeros(d, **f), 0
+        self.centred = False
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
@@ -365,14 +366,19 @@ class _Normal:
     def solutions(self, w0: torch.Tensor, ridges: list[float], intercept: bool):
         """Yield (r, W [d, K], bias delta [d] or None) for W = argmin ||X W^T + b - Y||² + λ||W - W0||²,
         λ = r · mean diag of the (centred) Gram, one ridge at a time; the intercept is unpenalised
-        (solved on centred sums). Each λ > 0 is one Cholesky solve of the K x K system: on a 1B
-        model's down_proj (K ~ 5.7k) one eigendecomposition for the whole grid took ~10x the time of
-        a Cholesky and held three more K x K copies (issue #15)."""
+        (solved on centred sums, centred in place: iterate it once). Each λ > 0 is one Cholesky solve
+        of the K x K system: on a 1B model's down_proj (K ~ 5.7k) one eigendecomposition for the
+        whole grid took ~10x the time of a Cholesky and held three more K x K copies (issue #15).
+        Beside the Gram there is one K x K factor at a time (the ridge is added to the diagonal and
+        taken off again)."""
+        if self.centred:
+            raise RuntimeError("these normal equations were centred in place by an earlier solutions(): accumulate them again")
         n = max(self.n, 1)
         xx, xy = self.xx, self.xy
         if intercept:
-            xx = xx - torch.outer(self.sx, self.sx) / n
-            xy = xy - torch.outer(self.sx, self.sy) / n
+            self.centred = True  # centred in place (rank-one updates, no K x K temporary): the sums are used once
+            xx.addr_(self.sx, self.sx, alpha=-1 / n)
+            xy.addr_(self.sx, self.sy, alpha=-1 / n)
         scale = float(xx.diagonal().mean().clamp_min(1e-30))
         w0t = w0.double().T
         for ridge in ridges:
@@ -383,11 +389,13 @@ class _Normal:
                 inv = torch.where(evals > evals.max() * 1e-12, 1 / evals.clamp_min(1e-300), torch.zeros_like(evals))
                 wt = vecs @ ((vecs.T @ xy) * inv[:, None])
                 del evals, vecs
-            else:
-                a = xx.clone()
-                a.diagonal().add_(lam)
-                wt = _psd_solve(a, xy + lam * w0t)
-                del a
+            else:  # the ridge goes on the diagonal and comes off again: one K x K factor beside the Gram, not two
+                diagonal = xx.diagonal().clone()
+                xx.diagonal().add_(lam)
+                try:
+                    wt = _psd_solve(xx, xy + lam * w0t)
+                finally:
+                    xx.diagonal().copy_(diagonal)
             w = wt.T
             yield ridge, w, ((self.sy - w @ self.sx) / n if intercept else None)
 

@@ -144,3 +144,26 @@ def test_in_place_gives_back_the_mapped_dense_pages(tmp_path):
         assert torch.equal(a, b), n  # what stayed mapped (embeddings, norms) reads back right
     with torch.no_grad():
         assert torch.equal(model(ids[:2]).logits, reference(ids[:2]).logits)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise is Linux-only")
+def test_page_out_keeps_every_value(tmp_path):
+    """Paging out weights still in use reads them back unchanged, including ones changed in place."""
+    from edgeprune import mapped
+    from edgeprune.models import load_model
+    from edgeprune.testing import save_tiny_llama
+
+    path = save_tiny_llama(tmp_path / "m", layers=2, ffn=1024, hidden=256, heads=4, kv_heads=2)
+    lm = load_model(str(path))
+    ids = torch.randint(0, len(lm.tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = lm.model(ids).logits
+        up = arch.layers(lm.model)[0].mlp.up_proj.weight
+        up.mul_(2.0)  # a private mapping's own change (exact, undone below): must survive the page-out
+        changed = up.clone()
+        resident = _mapped_rss(path / "model.safetensors")
+        assert mapped.page_out(lm.model.parameters()) > 0
+        assert _mapped_rss(path / "model.safetensors") < resident / 2
+        assert torch.equal(up, changed)
+        up.div_(2.0)
+        assert torch.equal(lm.model(ids).logits, want)  # the clean pages came back from the file

@@ -162,10 +162,17 @@ def test_a_huge_ridge_is_the_kept_weights_and_zero_is_least_squares():
     g = torch.Generator().manual_seed(0)
     x, w0 = torch.randn(400, 12, generator=g, dtype=torch.float64) + 0.3, torch.randn(5, 12, generator=g, dtype=torch.float64)
     y = x @ torch.randn(12, 5, generator=g, dtype=torch.float64) + 0.7
-    eq = _Normal(12, 5, "cpu")
-    eq.add(x[:200], y[:200])
-    eq.add(x[200:], y[200:])
+    def equations():
+        eq = _Normal(12, 5, "cpu")
+        eq.add(x[:200], y[:200])
+        eq.add(x[200:], y[200:])
+        return eq
+
+    eq = equations()
     (_, w_big, b_big), (_, w0_, b0_) = eq.solutions(w0, [1e12, 0.0], intercept=True)
+    with pytest.raises(RuntimeError, match="centred in place"):  # the intercept centred the sums: they are used up
+        next(eq.solutions(w0, [0.0], intercept=True))
+    eq = equations()
     torch.testing.assert_close(w_big, w0, rtol=0, atol=1e-8)
     xa = torch.cat([x, torch.ones(400, 1, dtype=torch.float64)], 1)
     ref = torch.linalg.lstsq(xa, y).solution.T
