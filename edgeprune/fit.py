@@ -329,17 +329,22 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                "no dense quantization meets the targets" if len(trials) == 1 else
                "it beats the best dense quantization that meets the targets through the runtime")
         log(f"chosen: {chosen.label}: {chosen.check.describe()} ({why})")
-        pruned, plan = won["model"], won["plan"]
+        pruned, plan, ship_imatrix = won["model"], won["plan"], won["imatrix"]
+        allowed = won = trials = None  # the losing finalist's model goes before the dense one is read back
         if chosen.plan is None:  # out/model holds the dense model then, as a plan of everything
             pruned, plan = _prune_with_best_recovery(lm, stats, chosen, base, desc, [], calib, dense_lp, held, out, report, log)
-        trials = None
 
-        artifacts = _ship(pruned, lm.tokenizer, chosen, fmt, formats, won["imatrix"], out, log)
-        if won["imatrix"] is not None:
+        artifacts = _ship(pruned, lm.tokenizer, chosen, fmt, formats, ship_imatrix, out, log)
+        if ship_imatrix is not None:
             with atomic_file(out / "imatrix.gguf") as f:
-                write_imatrix_gguf(f, won["imatrix"], int(calib.numel()), desc.get("source", "self"), int(calib.shape[0]), int(calib.shape[1]))
+                write_imatrix_gguf(f, ship_imatrix, int(calib.numel()), desc.get("source", "self"), int(calib.shape[0]), int(calib.shape[1]))
             artifacts["imatrix"] = {"path": str(out / "imatrix.gguf"), "tokens": int(calib.numel()),
                                     "use": f"llama-quantize --imatrix {out / 'imatrix.gguf'} (llama.cpp's own tool)"}
+        # what is left runs the artifacts through their runtimes: the torch model is not needed (at 1B it
+        # was 5 GB beside llama.cpp's models in the quality table, issue #15)
+        geometry = search.geometry_of(pruned, chosen.plan)
+        pruned = None
+        gc.collect()
 
         t = time.perf_counter()
         report["quality"] = _quality_table(base["tied_embeddings"], fmt, artifacts, dense_exports, chosen, held.numpy(), text_windows, refs, dense_text_ppl,
@@ -355,7 +360,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     report["result"] = {"ok": True, "chosen": chosen.to_dict(), "why": why, "checkpoint": str(out / "model"),
                         "artifacts": {k: v for k, v in artifacts.items() if k != "imatrix"}, "imatrix": artifacts.get("imatrix"),
                         "plan": {"widths": plan.widths(), "dropped_layers": plan.dropped_layers, "achieved": plan.achieved},
-                        "speed_bound": latency.speed_bound(search.geometry_of(pruned, chosen.plan), chosen.dtype,
+                        "speed_bound": latency.speed_bound(geometry, chosen.dtype,
                                                            "llama.cpp" if fmt == "gguf" else "onnxruntime", chosen.head)}
     log("what bounds decode: " + report["result"]["speed_bound"]["says"])
     _finish(out, report, timings, t_start, candidates, chosen, targets, profile)

@@ -203,3 +203,45 @@ def test_distillation_is_skipped_when_its_training_state_does_not_fit_memory():
     assert not small["ok"] and small["why"].startswith("distillation skipped: training 698M decoder weights")
     assert small["needed_bytes"] == 12 * 698_000_000 + 16 * 128256 * 512
     assert kd_memory_check(plan, 128256, 512, 40 * 2**30)["ok"]
+
+
+def test_fit_lets_the_dense_model_go_while_it_builds_finalists(tiny_dir, tiny_dense_speed, tmp_path, monkeypatch):
+    """Each finalist is built from a reload pruned in place; the dense model loaded first must be
+    gone by then, or a 1B fit holds it beside the finalist (issue #15)."""
+    import gc
+    import weakref
+
+    from edgeprune import fit
+
+    prof = _profile_with(tmp_path, "tight", decode_tok_s_min=tiny_dense_speed * 1.03, ttft_max_s=None, memory_max=None)
+    first, alive, at_quality = [], [], []
+    real_load, real_reload, real_quality_table = fit.load_model, fit.reload, fit._quality_table
+
+    def load(*args, **kwargs):
+        lm = real_load(*args, **kwargs)
+        first.extend(weakref.ref(t) for t in [lm.model, *lm.model.parameters()])  # the weights too: a module may outlive its model
+        return lm
+
+    def reload(lm, *args, **kwargs):
+        gc.collect()
+        alive.append(sum(r() is not None for r in first))
+        return real_reload(lm, *args, **kwargs)
+
+    def quality_table(*args, **kwargs):  # runs GGUFs only: no torch model may be left by then
+        from transformers import PreTrainedModel
+
+        gc.collect()
+        at_quality.append(sum(isinstance(o, PreTrainedModel) for o in gc.get_objects()))
+        return real_quality_table(*args, **kwargs)
+
+    monkeypatch.setattr(fit, "load_model", load)
+    monkeypatch.setattr(fit, "reload", reload)
+    monkeypatch.setattr(fit, "_quality_table", quality_table)
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    report, code = fit.run_fit(str(tiny_dir), str(prof), tmp_path / "fit", formats=("gguf",), dtype="q8_0", nsamples=4, seqlen=32,
+                               recover="lstsq,bias,kd", recover_seconds=2, log=lambda *a: None, prompts=False, bench_rounds=1,
+                               bench_repeats=1)
+    assert code == 0 and report["result"]["chosen"]["sparsity"] > 0
+    assert any(name.endswith("kd") for name in report["recovery"]["tried"]), report["recovery"]
+    assert len(alive) >= 3 and not any(alive)  # one reload per recovery trial, the first dense model never alive
+    assert at_quality == [0]  # nor any other model (kd's teacher, the losing trials, the shipped one) by the quality table
