@@ -227,11 +227,20 @@ def test_fit_lets_the_dense_model_go_while_it_builds_finalists(tiny_dir, tiny_de
         alive.append(sum(r() is not None for r in first))
         return real_reload(lm, *args, **kwargs)
 
-    def quality_table(*args, **kwargs):  # runs GGUFs only: no torch model may be left by then
-        from transformers import PreTrainedModel
+    from transformers import PreTrainedModel
+
+    def models_alive():
+        import warnings
 
         gc.collect()
-        at_quality.append(sum(isinstance(o, PreTrainedModel) for o in gc.get_objects()))
+        with warnings.catch_warnings():  # isinstance on every live object wakes torch's deprecated aliases
+            warnings.simplefilter("ignore", FutureWarning)
+            return [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+
+    before = weakref.WeakSet(models_alive())  # other tests' models (session fixtures) are not fit's
+
+    def quality_table(*args, **kwargs):  # runs GGUFs only: no torch model of fit's may be left by then
+        at_quality.append(sum(m not in before for m in models_alive()))
         return real_quality_table(*args, **kwargs)
 
     monkeypatch.setattr(fit, "load_model", load)
