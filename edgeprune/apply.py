@@ -134,9 +134,8 @@ def prune_layer(layer, lp, head_dim: int) -> None:
 def _finish(model, plan: PrunePlan) -> None:
     kept = {lp.index for lp in plan.layers}
     dropped = [layer for i, layer in enumerate(arch.layers(model)) if i not in kept]
-    before = mapped.tensor_spans(t for layer in dropped for t in layer.state_dict(keep_vars=True).values())
-    arch.keep_layers(model, sorted(kept))
-    mapped.release_replaced(model, before)  # the dropped layers' memory-mapped weights
+    with mapped.releasing(dropped, [model]):  # the dropped layers' memory-mapped weights
+        arch.keep_layers(model, sorted(kept))
     model.config.intermediate_size = max(plan.widths()) if plan.layers else model.config.intermediate_size
 
 
@@ -147,9 +146,8 @@ def apply_plan(model, plan: PrunePlan) -> None:
     hd = arch.head_dim(model)
     layers = arch.layers(model)
     for lp in plan.layers:
-        before = mapped.tensor_spans(layers[lp.index].state_dict(keep_vars=True).values())
-        prune_layer(layers[lp.index], lp, hd)
-        mapped.release_replaced(layers[lp.index], before)
+        with mapped.releasing([layers[lp.index]], [layers[lp.index]]):
+            prune_layer(layers[lp.index], lp, hd)
     _finish(model, plan)
 
 
@@ -169,7 +167,7 @@ def pruning_in_place(model, plan: PrunePlan):
     kept = {lp.index: lp for lp in plan.layers}
     # a calibration pass left every block's mapped weights resident: let them go, each block is read
     # back from the file when its turn comes
-    mapped.page_out(t for layer in arch.layers(model) for t in layer.state_dict(keep_vars=True).values())
+    mapped.page_out(mapped.module_tensors(arch.layers(model)))
     for li, layer in enumerate(list(arch.layers(model))):
         lp = kept.get(li)
         if lp is None:
@@ -177,9 +175,8 @@ def pruning_in_place(model, plan: PrunePlan):
             continue
         with torch.no_grad():
             dense = copy.deepcopy(layer)
-            before = mapped.tensor_spans(layer.state_dict(keep_vars=True).values())
-            prune_layer(layer, lp, hd)
-            mapped.release_replaced(layer, before, keep=(dense,))  # the replaced weights' mapped pages
+            with mapped.releasing([layer], [layer, dense]):  # the replaced weights' mapped pages
+                prune_layer(layer, lp, hd)
         yield li, dense, layer, lp
         del dense
     _finish(model, plan)

@@ -491,6 +491,12 @@ def _finish(out: Path, report: dict, timings: dict, t_start: float, candidates, 
     write_outputs(out, report, candidates, chosen, targets, profile)
 
 
+def _read_back(lm) -> None:
+    """The dense model in `lm.model` again: read back from its files when fit has let it go."""
+    if lm.model is None:
+        lm.model = reload(lm)
+
+
 def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, dense_lp, held, out, report, log, kd_box=None,
                               progress=None):
     """Prune the chosen plan, trying each closed-form recovery in `recoveries` (["lstsq", "bias"]): keep
@@ -506,7 +512,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
     distills from the dense model, prunes a copy of it. `lm.model` is None on return: fit holds the
     dense model only while it needs it."""
     def build(name: str, extra: dict | None = None, progress=None):
-        lm.model = lm.model if lm.model is not None else reload(lm)
+        _read_back(lm)
         plan = chosen.plan if name == "none" else with_recovery(chosen.plan, name, gguf_safe_args(lm.model, name, extra))
         built = prune_and_save(lm, stats, out / "model", plan=plan, ids=calib, report={"from": "edgeprune fit"}, progress=progress,
                                inplace=True)
@@ -514,7 +520,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
         return built
 
     if chosen.plan is None:
-        lm.model = lm.model if lm.model is not None else reload(lm)
+        _read_back(lm)
         pruned, plan, _ = prune_and_save(lm, stats, out / "model", plan=identity_plan(lm, base, desc),
                                          report={"from": "edgeprune fit"}, inplace=True)
         lm.model = None

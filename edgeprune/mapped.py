@@ -6,17 +6,19 @@ which never happens while one of its tensors lives (the embedding always does). 
 place puts new, smaller tensors beside the old ones, so a 1B model pruned at 30% held its mapped
 dense weights plus the pruned copy: 8.7 GB for a 4.9 GB model (issue #15).
 
-`release(spans)` tells the kernel the pages of tensors nobody uses any more are not needed
-(madvise MADV_DONTNEED: a private mapping's changes to them would be lost, so only for tensors no
-one uses); `page_out(tensors)` asks it to reclaim the pages of tensors still in use (MADV_PAGEOUT:
-clean pages are dropped and read back from the file on the next touch, changed ones are kept), so
-that a block-by-block pass holds about one block of mapped weights. Only tensors that lie wholly inside a file-backed mapping
-are touched (anonymous memory would be zeroed instead), only whole pages inside each tensor (a
-neighbour's bytes may share the edge pages), and only on Linux; elsewhere it is a no-op.
+`releasing(changed, live)`, around code that replaces tensors, tells the kernel the pages of the
+old tensors nobody uses any more are not needed (madvise MADV_DONTNEED: a private mapping's changes
+to them would be lost, so only for tensors no one uses); `page_out(tensors)` asks it to reclaim the
+pages of tensors still in use (MADV_PAGEOUT: clean pages are dropped and read back from the file on
+the next touch, changed ones are kept), so that a block-by-block pass holds about one block of
+mapped weights. Only tensors that lie wholly inside a file-backed mapping are touched (anonymous
+memory would be zeroed instead), only whole pages inside each tensor (a neighbour's bytes may share
+the edge pages), and only on Linux; elsewhere it is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import sys
@@ -85,8 +87,16 @@ def _storage_span(t: torch.Tensor) -> tuple[int, int]:
     return s.data_ptr(), s.data_ptr() + s.nbytes()
 
 
-def release_replaced(module: torch.nn.Module, before: set[tuple[int, int]], keep=()) -> int:
-    """Release the spans in `before` (taken from `module` before it was changed) that no tensor of
-    `module` or of the modules in `keep` still overlaps."""
-    live = [_storage_span(t) for m in (module, *keep) for t in m.state_dict(keep_vars=True).values() if t.device.type == "cpu"]
-    return release({(a, b) for a, b in before if not any(a < y and x < b for x, y in live)})
+def module_tensors(modules) -> list[torch.Tensor]:
+    """Every parameter and buffer of `modules`."""
+    return [t for m in modules for t in m.state_dict(keep_vars=True).values()]
+
+
+@contextlib.contextmanager
+def releasing(changed, live):
+    """Around code that replaces tensors of the modules `changed`: afterwards, release the mapped pages
+    of their old tensors that no tensor of the modules `live` still overlaps."""
+    before = tensor_spans(module_tensors(changed))
+    yield
+    spans = [_storage_span(t) for t in module_tensors(live) if t.device.type == "cpu"]
+    release({(a, b) for a, b in before if not any(a < y and x < b for x, y in spans)})
