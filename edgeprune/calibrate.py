@@ -9,7 +9,10 @@ Per block this records
     mean 1 - cos(h_in, h_out) (ShortGPT's Block Influence, used by COMP to drop layers);
   * at the input X of down_proj (the FFN channels) and of o_proj (the attention heads):
     sum x^2, sum x over tokens in float64, so norms, means and exact variances follow;
-  * optionally the Gram matrix X^T X of those inputs (FASP's least-squares restoration).
+  * optionally the Gram matrix X^T X of those inputs (FASP's least-squares restoration);
+  * optionally llama.cpp's importance matrix (mean x^2 at the input of every weight it quantizes,
+    the output projection's from the final norm): the same numbers `imatrix.collect_imatrix`
+    gets from a second forward pass of the whole model, here for the price of the hooks.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class CalibrationStats:
     tokens: int
     seconds: float
     description: dict = field(default_factory=dict)
+    imatrix: dict | None = None  # {GGUF tensor name: float32 mean x^2 per input column}, with imatrix=True
 
     @property
     def angular(self) -> list[float]:
@@ -129,9 +133,13 @@ def _cos_stats(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8, progress=None, description=None) -> CalibrationStats:
+def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8, progress=None, description=None,
+              imatrix: bool = False) -> CalibrationStats:
     """Run the dense model block by block over `ids` [nsamples, seqlen] and collect BlockStats."""
+    from edgeprune.imatrix import SquareSums, block_linears, head_name
+
     start = time.perf_counter()
+    squares = SquareSums() if imatrix else None
     hidden = embed(model, ids, batch_size)
     position = rotary(model, ids.shape[1], hidden[:1])
     blocks = []
@@ -143,6 +151,8 @@ def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8,
             layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: ffn.add(a[0])),
             layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: attn.add(a[0])),
         ]
+        if squares is not None:
+            hooks += [lin.register_forward_pre_hook(squares.hook(name)) for name, lin in block_linears(model, li, layer)]
         try:
             out = run_block(layer, hidden, position, batch_size)
         finally:
@@ -153,4 +163,8 @@ def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8,
         hidden = out
         if progress:
             progress(li + 1, len(layers))
-    return CalibrationStats(blocks, int(ids.numel()), time.perf_counter() - start, description or {})
+    if squares is not None and head_name(model) is not None:
+        for i in range(0, len(hidden), batch_size):
+            squares.add(head_name(model), model.model.norm(hidden[i : i + batch_size]))
+    return CalibrationStats(blocks, int(ids.numel()), time.perf_counter() - start, description or {},
+                            squares.means() if squares is not None else None)

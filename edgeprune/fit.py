@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from edgeprune import dtypes, latency, mix, search, shipped
-from edgeprune.artifacts import export_artifact, runtime_logits_fn
+from edgeprune.artifacts import export_artifact
 from edgeprune.bench import bench_artifact, bench_interleaved, paired_ratio
 from edgeprune.budget import achieved
 from edgeprune.calibrate import calibrate
@@ -50,10 +50,10 @@ FIT_BUDGET_S = 600.0
 # raspberrypi5 at 80 tok/s, benchmarks/results/shipped_quality/*/report.json) that tail took about
 # 110-150 s (quality report 63-91 s, benchmark 12-22 s, the rest exports and scoring).
 FIT_RESERVE_S = 150.0
-# That tail is exports, llama.cpp quantizations and runtime scoring, the same work as the dense-mixes
-# step measured earlier on the same model and host (91-110 s in those runs): a bigger model or a
-# slower host reserves 1.5x that step instead of the constant.
-FIT_RESERVE_PER_DENSE_MIXES = 1.5
+# That tail is exports, llama.cpp quantizations and runtime scoring, the same work as scoring one dense
+# mix measured earlier on the same model and host (12 mixes in 91-110 s in those runs): a bigger model
+# or a slower host reserves 18 of those (1.5x the 12) instead of the constant.
+FIT_RESERVE_MIXES = 18
 # Under this, distillation is a handful of steps (SmolLM2-135M: ~4 s per step of 4 x 128 tokens) plus
 # its two held-out measurements: too little to be worth the time it would take from the budget.
 KD_MIN_S = 30.0
@@ -94,12 +94,12 @@ def check_recover_time(recoveries: list[str], recover_seconds) -> float | None:
     return float(recover_seconds)
 
 
-def fit_reserve_s(dense_mixes_s: float, rebuild_s: float = 0.0) -> float:
-    """Seconds fit keeps for what follows distillation: FIT_RESERVE_S, or more when the dense-mixes
-    step (the same kind of work, measured on this model and host) took long; plus `rebuild_s`: the
+def fit_reserve_s(seconds_per_mix: float, rebuild_s: float = 0.0) -> float:
+    """Seconds fit keeps for what follows distillation: FIT_RESERVE_S, or FIT_RESERVE_MIXES times
+    the seconds one dense mix took to score (the same kind of work, measured on this model and host); plus `rebuild_s`: the
     closed-form recovery that the distillation trial re-runs first, and that is rebuilt again when
     distillation is not kept (twice its measured trial time)."""
-    return max(FIT_RESERVE_S, FIT_RESERVE_PER_DENSE_MIXES * dense_mixes_s) + rebuild_s
+    return max(FIT_RESERVE_S, FIT_RESERVE_MIXES * seconds_per_mix) + rebuild_s
 
 
 def kd_time_box(elapsed_s: float, reserve_s: float, forced_s: float | None = None, budget_s: float = FIT_BUDGET_S,
@@ -209,10 +209,11 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     calib, held = ids[:nsamples], ids[nsamples:]
     desc = {**desc, "nsamples": nsamples, "tokens": int(calib.numel()), "heldout_samples": heldout}
     # Recovery of the chosen model needs the Gram matrices of the same pass.
-    stats = calibrate(lm.model, calib, gram=any(needs(r)["gram"] for r in recoveries), description=desc, progress=step("calibration pass"))
-    dense_lp = search.dense_logprobs(lm.model, held)
     use_imatrix = fmt == "gguf"
-    dense_imatrix = collect_imatrix(lm.model, calib) if use_imatrix else None
+    stats = calibrate(lm.model, calib, gram=any(needs(r)["gram"] for r in recoveries), description=desc, progress=step("calibration pass"),
+                      imatrix=use_imatrix)
+    dense_lp = search.dense_logprobs(lm.model, held)
+    dense_imatrix = stats.imatrix
     timings["calibration_s"] = time.perf_counter() - t
     memory["calibration"] = memory_now()
 
@@ -238,22 +239,29 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     with tempfile.TemporaryDirectory(prefix="edgeprune-fit-") as tmpdir:
         tmp = Path(tmpdir)
         t = time.perf_counter()
-        feasible = sorted({(c.dtype, c.head) for c in candidates if c.check.ok}, key=menu.index)
-        dense_exports, quant = _dense_mixes(lm, fmt, feasible, dense_imatrix, dense_lp, held, seqlen, tmp, log, step("dense quantizations"))
-        timings["quant_kl_s"] = time.perf_counter() - t
-        memory["quant_kl"] = memory_now()
-
-        t = time.perf_counter()
         keys = search.to_evaluate(candidates)
         kls = search.structure_kls(lm, keys, dense_lp, held, candidates, progress=step("quality of candidates"))
         for c in candidates:
             c.kl_structure = kls.get(c.key)
-            c.kl_quant = quant.get((c.dtype, c.head))
         timings["quality_s"] = time.perf_counter() - t
         memory["quality"] = memory_now()
+
+        # Every runtime score of this fit goes through `scores`: the dense mixes and the finalists on the
+        # held-out text, the quality table on both texts; a file scored once is not run again.
+        t = time.perf_counter()
+        (tmp / "reference").mkdir()
+        text_windows = shipped.excerpt_windows(lm.tokenizer)
+        refs = {"held": [x.numpy() for x in dense_lp], "text": shipped.dense_reference(lm.model, text_windows, tmp / "reference")}
+        dense_text_ppl = shipped.reference_ppl(refs["text"], text_windows)
+        scores = shipped.Scores({"held": held.numpy(), "text": text_windows}, refs)
+        dense_exports, quant, mixes_info = _dense_mixes(lm, fmt, menu, candidates, dense_imatrix, scores, tmp, log, step("dense quantizations"))
+        for c in candidates:
+            c.kl_quant = quant.get((c.dtype, c.head))
+        timings["quant_kl_s"] = time.perf_counter() - t
+        memory["quant_kl"] = memory_now()
         report["candidates"] = [c.to_dict() for c in candidates if c.kl_structure is not None or c.check.ok]
         report["search"] = {"evaluated_structures": len(keys), "candidates": len(candidates), "mixes": [search.mix_label(*m) for m in menu],
-                            "feasible": sum(c.check.ok for c in candidates),
+                            "feasible": sum(c.check.ok for c in candidates), "quantization": mixes_info,
                             "quality_proxy": "KL(dense||candidate) structure (torch) + quantization (runtime), nats/token on held-out self-generated text"}
 
         finalists = [c for c in (search.best(candidates, dtype_order, dense=False), search.best(candidates, dtype_order, dense=True)) if c]
@@ -268,10 +276,6 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         # The proxy ranks; the artifacts decide: each finalist is built, exported as it would ship and
         # scored through the runtime on the held-out text (the best pruned and the best dense mix).
         t = time.perf_counter()
-        (tmp / "reference").mkdir()
-        text_windows = shipped.excerpt_windows(lm.tokenizer)
-        refs = {"held": [x.numpy() for x in dense_lp], "text": shipped.dense_reference(lm.model, text_windows, tmp / "reference")}
-        dense_text_ppl = shipped.reference_ppl(refs["text"], text_windows)
         # What needs the dense model itself is done now; it is then let go while the finalists are
         # built, each from a fresh read of its files pruned in place (a 1B fit held the dense model
         # and a pruned copy at once, issue #15): the full-precision exports are written first.
@@ -286,10 +290,11 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         gc.collect()
         trials = []
         for c in finalists:
+            t_finalist = time.perf_counter()
             pruned, plan, imat = (None, None, dense_imatrix)
             if c.plan is not None:
                 def kd_box(rebuild_s: float) -> dict:  # asked just before distilling: the trials before it count
-                    return kd_time_box(time.perf_counter() - t_start, fit_reserve_s(timings["quant_kl_s"], rebuild_s), kd_forced)
+                    return kd_time_box(time.perf_counter() - t_start, fit_reserve_s(mixes_info["seconds_per_mix"], rebuild_s), kd_forced)
 
                 pruned, plan = _prune_with_best_recovery(lm, stats, c, base, desc, recoveries, calib, dense_lp, held, out, report, log,
                                                          kd_box=kd_box, progress=progress)
@@ -298,20 +303,17 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
                 export_artifact(pruned, lm.tokenizer, fmt, dtypes.for_format(c.dtype, fmt), path, verify=False, imatrix=imat, head=c.head)
             else:
                 path = dense_exports.get((c.dtype, c.head)) or full_precision[(c.dtype, c.head)]
-            fn = runtime_logits_fn(fmt, path, max(seqlen, shipped.TEXT_SEQLEN))  # one runtime instance for both scores
-            q = shipped.window_quality(fn, text_windows, refs["text"])
-            # a dense mix's held-out KL was measured on this very file by _dense_mixes
-            kl = c.kl_quant if c.plan is None and c.kl_quant is not None and (c.dtype, c.head) in dense_exports else \
-                search.quant_kl(dense_lp, fn, held)
-            if getattr(fn, "llm", None) is not None:
-                fn.llm.close()
+            scored = scores.quality(fmt, path)  # a dense mix's held-out score is the search's, not run again
+            q, kl = scored["text"], scored["held"]["kl_vs_dense"]
             trials.append({"candidate": c, "model": pruned, "plan": plan, "imatrix": imat, "path": path,
-                           "held_out_kl": kl, "excerpt": q, "ppl_ratio": q["ppl"] / dense_text_ppl})
+                           "held_out_kl": kl, "excerpt": q, "ppl_ratio": q["ppl"] / dense_text_ppl,
+                           "seconds": time.perf_counter() - t_finalist})
             log(f"finalist {c.label}: held-out KL through {fmt} {kl:.4f}, excerpt perplexity {q['ppl']:.2f} "
                 f"({q['ppl'] / dense_text_ppl:.3f}x dense torch)")
         allowed = [tr for tr in trials if _within_floor(tr, floor)]
         report["finalists"] = [{"label": tr["candidate"].label, "held_out_kl": tr["held_out_kl"], "excerpt": tr["excerpt"],
-                                "ppl_ratio_vs_dense_torch": tr["ppl_ratio"], "within_floor": _within_floor(tr, floor)} for tr in trials]
+                                "ppl_ratio_vs_dense_torch": tr["ppl_ratio"], "within_floor": _within_floor(tr, floor),
+                                "seconds": tr["seconds"]} for tr in trials]
         timings["finalists_s"] = time.perf_counter() - t
         memory["finalists"] = memory_now()
         if not allowed:
@@ -347,8 +349,8 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         gc.collect()
 
         t = time.perf_counter()
-        report["quality"] = _quality_table(base["tied_embeddings"], fmt, artifacts, dense_exports, chosen, held.numpy(), text_windows, refs, dense_text_ppl,
-                                           tmp, prompts, log)
+        report["quality"] = _quality_table(base["tied_embeddings"], fmt, artifacts, dense_exports, chosen, scores, dense_text_ppl, tmp, prompts, log)
+        report["quality"]["protocol"]["runtime_runs"] = scores.runs
         timings["quality_report_s"] = time.perf_counter() - t
         memory["quality_report"] = memory_now()
 
@@ -374,30 +376,41 @@ def _within_floor(trial: dict, floor) -> bool:
     return trial["ppl_ratio"] <= v if kind == "ppl_ratio" else trial["held_out_kl"] <= v
 
 
-def _dense_mixes(lm, fmt, mixes, imatrix, dense_lp, held, seqlen, tmp: Path, log, progress):
-    """The dense model exported in every feasible mix (one F32 GGUF, quantized by llama.cpp per mix,
-    with the importance matrix), and each one's quantization KL through the runtime."""
-    exports, quant = {}, {}
-    f32 = None
-    for n, (d, head) in enumerate(mixes):
+def _dense_mixes(lm, fmt, menu, candidates, imatrix, scores, tmp: Path, log, progress):
+    """The dense model exported in the mixes that can make a finalist (search.score_mixes: one F32
+    GGUF, quantized by llama.cpp per mix with the importance matrix), and each one's quantization KL
+    through the runtime: ({mix: path}, {mix: KL}, what the report says about it)."""
+    exports, seconds = {}, []
+    f32 = tmp / "dense.f32.gguf"
+    upper = len({(c.dtype, c.head) for c in candidates if c.check.ok})  # the progress total: at most every feasible mix
+
+    def score(m) -> float:
+        d, head = m
         fd = dtypes.for_format(d, fmt)
         if not dtypes.get(fd, fmt).quantized:
-            quant[(d, head)] = 0.0
-            continue
+            return 0.0
+        t = time.perf_counter()
         path = tmp / f"dense.{search.mix_label(d, head)}.{fmt}"
         if fmt == "gguf":
-            if f32 is None:
-                f32 = tmp / "dense.f32.gguf"
+            if not f32.exists():
                 export_artifact(lm.model, lm.tokenizer, "gguf", "f32", f32, verify=False)
             quantize_gguf(f32, path, fd, imatrix=imatrix, overrides=mix.output_override(head), tied=bool(lm.model.config.tie_word_embeddings))
         else:
             export_artifact(lm.model, lm.tokenizer, fmt, fd, path, verify=False)
-        quant[(d, head)] = search.quant_kl(dense_lp, runtime_logits_fn(fmt, path, seqlen), held)
-        exports[(d, head)] = path
-        log(f"quantization KL of the dense model as {fmt} {search.mix_label(fd, head)}: {quant[(d, head)]:.4f}")
+        kl = scores.quality(fmt, path, ("held",))["held"]["kl_vs_dense"]
+        exports[m] = path
+        seconds.append(time.perf_counter() - t)
+        log(f"quantization KL of the dense model as {fmt} {search.mix_label(fd, head)}: {kl:.4f}")
         if progress:
-            progress(n + 1, len(mixes))
-    return exports, quant
+            progress(len(exports), upper)
+        return kl
+
+    quant, skipped = search.score_mixes(candidates, score, fmt, menu)
+    for label, why in skipped.items():
+        log(f"dense model as {fmt} {label}: not scored, {why}")
+    info = {"scored": [search.mix_label(*m) for m in exports], "not_scored": skipped,
+            "seconds_per_mix": sum(seconds) / len(seconds) if seconds else 0.0}
+    return exports, quant, info
 
 
 def structure_shapes(model, formats) -> dict:
@@ -427,7 +440,7 @@ def _ship(model, tokenizer, chosen, fmt, formats, imatrix, out: Path, log) -> di
     return artifacts
 
 
-def _quality_table(tied: bool, fmt, artifacts, dense_exports, chosen, held, text, refs, dense_text_ppl, tmp, prompts, log) -> dict:
+def _quality_table(tied: bool, fmt, artifacts, dense_exports, chosen, scores, dense_text_ppl, tmp, prompts, log) -> dict:
     """What ships beside the dense baselines, all through their runtimes on the same held-out text (the
     GGUF baselines are quantized from the dense F32 GGUF written before the finalists)."""
     prompt_set = shipped.load_prompts() if prompts else None
@@ -447,12 +460,13 @@ def _quality_table(tied: bool, fmt, artifacts, dense_exports, chosen, held, text
     table = {}
     for label, (f, path) in rows.items():
         log(f"scoring {label} through {'llama.cpp' if f == 'gguf' else 'onnxruntime'}")
-        q = shipped.artifact_quality(f, path, held, text, refs, prompt_set)
+        q = scores.artifact(f, path, prompt_set)
         q["excerpt"]["ppl_ratio_vs_dense_torch"] = q["excerpt"]["ppl"] / dense_text_ppl
         table[label] = q
     dense_answers = None
     if prompt_set is not None:
         dense_answers = table.get("dense q8_0 (llama.cpp default)", {}).get("answers")
+    held, text = scores.windows["held"], scores.windows["text"]
     return {"protocol": {"held_out_self": f"{len(held)} x {held.shape[1]} self-generated tokens (not used for calibration)",
                          "excerpt": f"{len(text)} x {text.shape[1]} tokens of the bundled WikiText-2 validation excerpt",
                          "reference": "dense torch fp32 model (top-1 agreement and KL)"},
@@ -569,7 +583,7 @@ def _prune_with_best_recovery(lm, stats, chosen, base, desc, recoveries, calib, 
                 f"held-out KL {chosen.kl_structure:.4f} -> {tried[name]:.4f}" + ("" if kd.get("kept", True) else f" ({kd['note']})"))
             last = (name, trial, plan)
             best = min(tried, key=tried.get)
-    report["recovery"] = {"kept": best, "tried": tried, **({"distillation": kd_note} if kd_note else {})}
+    report["recovery"] = {"kept": best, "tried": tried, "trial_seconds": trial_s, **({"distillation": kd_note} if kd_note else {})}
     if last is not None and last[0] == best:
         _, pruned, plan = last  # already saved under out/model
     else:

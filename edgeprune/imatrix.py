@@ -32,18 +32,40 @@ from edgeprune.families import LINEAR_ROLES, family_of
 
 _IN_SUM2, _COUNTS = ".in_sum2", ".counts"
 
-def _linears(model):
-    """(GGUF name, nn.Linear) of every weight llama.cpp quantizes with an imatrix."""
+def block_linears(model, i: int, layer):
+    """(GGUF name, nn.Linear) of block i's weights that llama.cpp quantizes with an imatrix."""
     fam = family_of(model)
-    for i, layer in enumerate(fam.layers(model)):
-        for role in LINEAR_ROLES:
-            lin = fam.linear(layer, role)
-            if lin.in_features and lin.out_features:  # a head-less pruned layer has no attention tensors
-                yield f"blk.{i}.{role}.weight", lin
+    for role in LINEAR_ROLES:
+        lin = fam.linear(layer, role)
+        if lin.in_features and lin.out_features:  # a head-less pruned layer has no attention tensors
+            yield f"blk.{i}.{role}.weight", lin
+
+
+def head_name(model) -> str | None:
+    """The GGUF name under which the output projection's entry goes (a tied one is token_embd)."""
     head = model.get_output_embeddings()
-    tied = head is None or head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    if head is not None:
-        yield ("token_embd.weight" if tied else "output.weight"), head
+    if head is None:
+        return None
+    return "token_embd.weight" if head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr() else "output.weight"
+
+
+class SquareSums:
+    """Running sums of x_j^2 (float64) per input column, per GGUF weight, from forward pre-hooks."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, x) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0).cpu()
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def hook(self, name: str):
+        return lambda module, args: self.add(name, args[0])
+
+    def means(self) -> dict[str, np.ndarray]:
+        return {name: (s / self.counts[name]).float().numpy() for name, s in self.sums.items()}
 
 
 def collect_imatrix(model, ids, batch_size: int = 4, progress=None) -> dict[str, np.ndarray]:
@@ -51,6 +73,8 @@ def collect_imatrix(model, ids, batch_size: int = 4, progress=None) -> dict[str,
 
     ids: [n, T] token ids (torch or numpy), each row one window run from an empty context. Every
     weight sees every token, so the count behind each mean is ids.size (`write_imatrix_gguf` takes it).
+    The output projection's input is the base model's final hidden state, so the logits (a quarter
+    of a 1B model's work at a 128k vocabulary) are never computed.
     progress: optional callable taking one status string per batch.
     """
     import torch
@@ -59,19 +83,10 @@ def collect_imatrix(model, ids, batch_size: int = 4, progress=None) -> dict[str,
     if ids.ndim != 2 or ids.numel() == 0:
         raise EdgepruneError("collect_imatrix needs [n, T] token ids with at least one token")
     device = next(model.parameters()).device
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def hook(name):
-        def accumulate(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return accumulate
-
-    for name, lin in _linears(model):
-        hooks.append(lin.register_forward_hook(hook(name)))
+    sums = SquareSums()
+    hooks = [lin.register_forward_pre_hook(sums.hook(name))
+             for i, layer in enumerate(family_of(model).layers(model)) for name, lin in block_linears(model, i, layer)]
+    head = head_name(model)
     was_training = model.training
     model.eval()
     try:
@@ -79,12 +94,14 @@ def collect_imatrix(model, ids, batch_size: int = 4, progress=None) -> dict[str,
             for b in range(0, len(ids), batch_size):
                 if progress:
                     progress(f"imatrix: batch {b // batch_size + 1}/{-(-len(ids) // batch_size)}")
-                model(ids[b:b + batch_size].to(device), use_cache=False)
+                hidden = model.model(ids[b:b + batch_size].to(device), use_cache=False).last_hidden_state
+                if head is not None:
+                    sums.add(head, hidden)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return {name: (s / counts[name]).float().cpu().numpy() for name, s in sums.items()}
+    return sums.means()
 
 
 @dataclass

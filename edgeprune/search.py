@@ -158,10 +158,62 @@ def kl_to_dense(dense_lp: torch.Tensor, model, ids: torch.Tensor) -> float:
                                for i in range(0, len(ids), 4)))
 
 
-def quant_kl(dense_lp: torch.Tensor, logits_fn, ids: torch.Tensor) -> float:
-    """KL(dense torch || dense exported) with a runtime's LogitsFn (llama.cpp / onnxruntime)."""
-    return _mean_kl(dense_lp, ((slice(i, i + 1), torch.log_softmax(torch.from_numpy(logits_fn(row)).float(), -1)[None])
-                               for i, row in enumerate(ids.numpy())))
+def dominates(a: tuple[str, str | None], b: tuple[str, str | None], fmt: str) -> bool:
+    """Whether GGUF mix `a` stores every tensor in at least as many bits as mix `b` in a way its
+    quantization KL is taken as a lower bound on `b`'s: the same dtype with llama.cpp's own output
+    rule (Q6_K or Q8_0) against a Q5_0 output, or q8_0 against any mix with the same or a smaller
+    output type. Nothing is assumed between the 4- to 6-bit types: on the Gemma 3 270M source (itself
+    Q4_K_M) q4_k_m scored 0.008 nats and q5_k_m 0.016 (benchmarks/results/shipped_quality)."""
+    if fmt != "gguf" or a == b or not (dtypes.get(a[0], "gguf").quantized and dtypes.get(b[0], "gguf").quantized):
+        return False
+    (da, ha), (db, hb) = a, b
+    head_ok = ha is None or ha == hb
+    return head_ok and (da == db or da == "q8_0")
+
+
+def score_mixes(candidates: list[Candidate], score, fmt: str, menu: list[tuple[str, str | None]]) -> tuple[dict, dict]:
+    """Quantization KLs of the mixes that can still make a finalist, each scored by `score(mix)`
+    (an export, a llama.cpp quantization and a runtime pass: ~1 min each at 1B, issue #15).
+
+    A finalist is the best pruned candidate (structure KL + quantization KL) or the best dense one
+    (quantization KL), among those that meet the targets, and structure KLs are known first. A mix
+    not yet scored is bounded below by the KL of a scored mix that `dominates` it (else 0): it is
+    scored, lowest bound first, only while that bound could still beat a finalist. Returns
+    ({mix: KL}, {mix: why it was not scored})."""
+    feasible = [m for m in menu if any(c.check.ok and (c.dtype, c.head) == m for c in candidates)]
+    pruned_best = {m: min((c.kl_structure for c in candidates if c.check.ok and c.plan is not None and (c.dtype, c.head) == m
+                           and c.kl_structure is not None), default=math.inf) for m in feasible}
+    dense_ok = {m: any(c.check.ok and c.plan is None and (c.dtype, c.head) == m for c in candidates) for m in feasible}
+    quant: dict = {}
+
+    def bound(m) -> tuple[float, str | None]:
+        by = [(quant[a], a) for a in quant if dominates(a, m, fmt)]
+        return max(by, key=lambda t: t[0]) if by else (0.0, None)
+
+    def incumbents() -> tuple[float, float]:
+        return (min((pruned_best[m] + quant[m] for m in quant), default=math.inf),
+                min((quant[m] for m in quant if dense_ok[m]), default=math.inf))
+
+    def reach(m) -> float:  # the best a finalist with mix m could still score
+        lb, _ = bound(m)
+        return min(pruned_best[m] + lb, lb if dense_ok[m] else math.inf)
+
+    def open_(m) -> bool:
+        lb, _ = bound(m)
+        pruned_in, dense_in = incumbents()
+        return round(pruned_best[m] + lb, 6) < round(pruned_in, 6) or (dense_ok[m] and round(lb, 6) < round(dense_in, 6))
+
+    while pending := [m for m in feasible if m not in quant and open_(m)]:
+        m = min(pending, key=lambda m: (reach(m), menu.index(m)))
+        quant[m] = score(m)
+    skipped = {}
+    for m in feasible:
+        if m not in quant:
+            lb, by = bound(m)
+            skipped[mix_label(*m)] = (f"cannot make a finalist: at best {reach(m):.4f} nats (" +
+                                      (f"{mix_label(*by)} keeps every tensor in as many bits and scored {lb:.4f}"
+                                       if by else "quantization KL >= 0") + ")")
+    return quant, skipped
 
 
 def choose(candidates: list[Candidate], dtype_order: list[str]) -> Candidate | None:

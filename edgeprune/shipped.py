@@ -116,24 +116,81 @@ def factual_hits(answers: list[str], prompts: list[dict]) -> tuple[int, int]:
     return sum(any(e.lower() in a.lower() for e in exp) for a, exp in scored), len(scored)
 
 
-def artifact_quality(fmt: str, path, held: np.ndarray, text: np.ndarray, refs: dict, prompts: list[dict] | None = None,
-                     n_threads: int | None = None) -> dict:
-    """Everything the report shows for one artifact. `refs` = {"held": [...], "text": [...]} dense log-probs."""
-    if fmt == "gguf":
-        from edgeprune.exporters.llamacpp import llamacpp_logits_fn
+# GGUF metadata that names or describes a file without changing what llama.cpp computes from it
+DESCRIPTIVE_KEYS = ("general.", "quantize.", "edgeprune.")
+RUNTIME_GENERAL_KEYS = ("general.architecture", "general.alignment")
 
-        fn = llamacpp_logits_fn(path, n_ctx=max(held.shape[1], text.shape[1]), n_threads=n_threads)
-    else:
+
+def gguf_content_key(path) -> str:
+    """A digest of what llama.cpp computes from a GGUF: its tensors (names, shapes, types, data) and
+    its metadata less the descriptive keys (names, file type, the importance matrix's provenance).
+    Two files with one key give the same logits."""
+    import hashlib
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    h = hashlib.blake2b(digest_size=20)
+    for name, field in reader.fields.items():
+        if name.startswith(DESCRIPTIVE_KEYS) and name not in RUNTIME_GENERAL_KEYS:
+            continue
+        h.update(name.encode())
+        for i in field.data:
+            h.update(np.ascontiguousarray(field.parts[i]).tobytes())
+    for t in reader.tensors:
+        h.update(f"{t.name}:{t.tensor_type}:{list(t.shape)}".encode())
+        h.update(memoryview(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+class Scores:
+    """Runtime scores of fit's artifacts, each measured once per content. The search scores the dense
+    mixes and the finalists on the held-out text, the quality table scores what ships and the
+    baselines on both texts; the shipped GGUF is its finalist exported again, and llama.cpp's q8_0
+    ignores an importance matrix, so at 1B three of the table's runs repeated earlier ones at ~2 min
+    each (issue #15). A GGUF is known by `gguf_content_key`; an ONNX directory is always run.
+
+    windows / refs: {"held": [n, T] ids, "text": [m, T'] ids} and the dense torch log-probs of each."""
+
+    def __init__(self, windows: dict[str, np.ndarray], refs: dict, n_threads: int | None = None):
+        self.windows, self.refs, self.n_threads = windows, refs, n_threads
+        self.n_ctx = max(w.shape[1] for w in windows.values())
+        self._memo: dict[str, dict] = {}
+        self.runs = 0  # windows sets actually run through a runtime
+
+    def quality(self, fmt: str, path, which=("held", "text")) -> dict:
+        """{"held": window_quality, "text": window_quality} (those in `which`) of one artifact."""
+        key = gguf_content_key(path) if fmt == "gguf" else None
+        known = self._memo.setdefault(key, {}) if key else {}
+        missing = [w for w in which if w not in known]
+        if missing:
+            fn = self._logits_fn(fmt, path)
+            try:
+                for w in missing:
+                    known[w] = window_quality(fn, self.windows[w], self.refs.get(w))
+                    self.runs += 1
+            finally:
+                if getattr(fn, "llm", None) is not None:
+                    fn.llm.close()
+        return {w: dict(known[w]) for w in which}  # copies: callers annotate their own
+
+    def _logits_fn(self, fmt: str, path):
+        if fmt == "gguf":
+            from edgeprune.exporters.llamacpp import llamacpp_logits_fn
+
+            return llamacpp_logits_fn(path, n_ctx=self.n_ctx, n_threads=self.n_threads)
         from edgeprune.exporters.onnx_runtime import ort_logits_fn
 
-        fn = ort_logits_fn(path)
-    out = {"held_out_self": window_quality(fn, held, refs.get("held")), "excerpt": window_quality(fn, text, refs.get("text"))}
-    if getattr(fn, "llm", None) is not None:
-        fn.llm.close()
-    if prompts is not None and fmt == "gguf":
-        out["answers"] = greedy_answers(path, prompts, n_threads=n_threads)
-        out["factual_hits"], out["factual_prompts"] = factual_hits(out["answers"], prompts)
-    return out
+        return ort_logits_fn(path)
+
+    def artifact(self, fmt: str, path, prompts: list[dict] | None = None) -> dict:
+        """Everything the report shows for one artifact: both texts, and greedy answers for a GGUF."""
+        q = self.quality(fmt, path)
+        out = {"held_out_self": q["held"], "excerpt": q["text"]}
+        if prompts is not None and fmt == "gguf":
+            out["answers"] = greedy_answers(path, prompts, n_threads=self.n_threads)
+            out["factual_hits"], out["factual_prompts"] = factual_hits(out["answers"], prompts)
+        return out
 
 
 def reference_ppl(reference: list[np.ndarray], windows: np.ndarray) -> float:

@@ -60,6 +60,11 @@ def test_fit_prunes_until_the_target_holds(tiny_dir, tiny_dense_speed, tmp_path)
     assert len(shipped_row["answers"]) == 20 and shipped_row["factual_prompts"] == 17
     # no dense mix meets this target, so the best pruned candidate is the one finalist scored through llama.cpp
     assert [f["label"] for f in report["finalists"]] == [chosen["label"]] and report["finalists"][0]["held_out_kl"] > 0
+    # the shipped GGUF is that finalist exported again: its scores are the finalist's, not run twice
+    assert shipped_row["held_out_self"]["kl_vs_dense"] == report["finalists"][0]["held_out_kl"]
+    assert shipped_row["excerpt"] == report["finalists"][0]["excerpt"] | {"ppl_ratio_vs_dense_torch": report["finalists"][0]["ppl_ratio_vs_dense_torch"]}
+    scored = report["search"]["quantization"]
+    assert scored["scored"] and set(scored["scored"]).isdisjoint(scored["not_scored"]) and scored["seconds_per_mix"] > 0
     assert art["export"]["verification"]["top1_agreement"] > 0.5
     # measured with the thread count the host profile's prediction assumes (ci-cpu: 1)
     assert art["bench"]["threads"] == load_profile("ci-cpu").hardware.threads
@@ -174,12 +179,12 @@ def test_forced_time_box_ignores_the_budget():
     assert box["mode"] == "forced" and box["seconds"] == 180.0 and "--recover-time 180s" in box["why"]
 
 
-def test_reserve_scales_with_the_measured_dense_mixes_step():
-    assert fit_reserve_s(20.0) == FIT_RESERVE_S  # a fast model: the constant floor
-    assert fit_reserve_s(300.0) == pytest.approx(450.0)  # a slow one: 1.5x the same kind of work, measured
-    assert fit_reserve_s(20.0, rebuild_s=140.0) == pytest.approx(FIT_RESERVE_S + 140.0)  # lstsq re-run (and rebuilt)
+def test_reserve_scales_with_the_measured_cost_of_one_dense_mix():
+    assert fit_reserve_s(2.0) == FIT_RESERVE_S  # a fast model: the constant floor
+    assert fit_reserve_s(25.0) == pytest.approx(450.0)  # a slow one: 18 times the same kind of work, measured
+    assert fit_reserve_s(2.0, rebuild_s=140.0) == pytest.approx(FIT_RESERVE_S + 140.0)  # lstsq re-run (and rebuilt)
     # a slow model on a slow host leaves distillation no time at all
-    assert kd_time_box(elapsed_s=250.0, reserve_s=fit_reserve_s(300.0))["seconds"] is None
+    assert kd_time_box(elapsed_s=250.0, reserve_s=fit_reserve_s(25.0))["seconds"] is None
 
 
 def test_recover_time_needs_kd_in_fits_list():

@@ -265,3 +265,19 @@ def test_export_cli_takes_an_imatrix_file_and_an_output_type(tiny_dir, tmp_path)
     assert r.returncode == 2 and "apply to quantized GGUF dtypes" in r.stderr
     r = run_cli("export", tiny_dir, "--format", "gguf", "--dtype", "q4_0", "--imatrix", tmp_path / "nope.gguf", "--out", tmp_path / "y.gguf")
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+@pytest.mark.parametrize("family,tie", [("llama", True), ("gemma3", False), ("qwen3", True)])
+def test_calibration_pass_collects_the_same_imatrix(tok, family, tie):
+    # fit takes the dense importance matrix from its calibration pass instead of a second forward pass
+    from edgeprune.calibrate import calibrate
+    from edgeprune.testing import tiny_model
+
+    model, _ = tiny_model(family, tok, tie=tie)
+    ids = torch.randint(0, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+    want = collect_imatrix(model, ids)
+    got = calibrate(model, ids, imatrix=True).imatrix
+    assert set(got) == set(want) and ("token_embd.weight" in got) == tie and ("output.weight" in got) == (not tie)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-7, err_msg=name)
+    assert calibrate(model, ids).imatrix is None

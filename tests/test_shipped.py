@@ -25,3 +25,33 @@ def test_saved_reference_matches_the_in_memory_one(tiny, tmp_path):
     assert q_mem == q_disk and q_mem["kl_vs_dense"] > 0 and 0 < q_mem["top1_vs_dense"] < 1
     with pytest.raises(IndexError):
         saved[3]
+
+
+def test_scores_run_each_gguf_content_once(tiny, tmp_path):
+    from edgeprune.artifacts import export_artifact
+    from edgeprune.exporters.llamacpp_quantize import quantize_gguf
+    from edgeprune.imatrix import collect_imatrix
+
+    model, tok = tiny
+    f32 = tmp_path / "dense.f32.gguf"
+    export_artifact(model, tok, "gguf", "f32", f32, verify=False)
+    windows = shipped.excerpt_windows(tok, seqlen=64, n=2)
+    imatrix = collect_imatrix(model, windows)
+    paths = {}
+    for name, dtype, imat in (("q8_0", "q8_0", None), ("q8_0-imatrix", "q8_0", imatrix), ("q4_0", "q4_0", None),
+                              ("q4_0-imatrix", "q4_0", imatrix)):
+        paths[name] = tmp_path / f"{name}.gguf"
+        quantize_gguf(f32, paths[name], dtype, imatrix=imat, tied=True)
+    keys = {name: shipped.gguf_content_key(p) for name, p in paths.items()}
+    # llama.cpp's q8_0 ignores the importance matrix; q4_0 uses it
+    assert keys["q8_0"] == keys["q8_0-imatrix"]
+    assert len({keys["q8_0"], keys["q4_0"], keys["q4_0-imatrix"]}) == 3
+
+    refs = {"held": shipped.dense_reference(model, windows[:1]), "text": shipped.dense_reference(model, windows)}
+    scores = shipped.Scores({"held": windows[:1], "text": windows}, refs, n_threads=1)
+    held = scores.quality("gguf", paths["q8_0"], ("held",))
+    assert scores.runs == 1 and held["held"]["kl_vs_dense"] >= 0
+    both = scores.quality("gguf", paths["q8_0-imatrix"])  # same content: only the text is new
+    assert scores.runs == 2 and both["held"] == held["held"]
+    q4 = scores.artifact("gguf", paths["q4_0"])
+    assert scores.runs == 4 and q4["excerpt"]["kl_vs_dense"] > both["text"]["kl_vs_dense"]
