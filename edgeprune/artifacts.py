@@ -16,7 +16,9 @@ def export_artifact(model, tokenizer, fmt: str, dtype: str, out: Path, verify: b
     return export_onnx(model, tokenizer, out, dtype=dtype, verify=verify)
 
 
-def runtime_logits_fn(fmt: str, path: Path, n_ctx: int):
+def runtime_logits_fn(fmt: str, path: Path, n_ctx: int, n_threads: int | None = None):
+    """int tokens [T] -> float32 logits [T, vocab] through the artifact's runtime (llama.cpp keeps
+    `n_ctx` tokens of context; onnxruntime's graph takes any length)."""
     if fmt == "gguf":
-        return llamacpp_logits_fn(path, n_ctx=n_ctx)
+        return llamacpp_logits_fn(path, n_ctx=n_ctx, n_threads=n_threads)
     return ort_logits_fn(path)

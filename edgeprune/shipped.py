@@ -132,8 +132,8 @@ def gguf_content_key(path) -> str:
     reader = gguf.GGUFReader(str(path))
     h = hashlib.blake2b(digest_size=20)
     for name, field in reader.fields.items():
-        if name.startswith(DESCRIPTIVE_KEYS) and name not in RUNTIME_GENERAL_KEYS:
-            continue
+        if name.startswith("GGUF.") or (name.startswith(DESCRIPTIVE_KEYS) and name not in RUNTIME_GENERAL_KEYS):
+            continue  # GGUF.*: gguf-py's view of the header (version, counts), not metadata
         h.update(name.encode())
         for i in field.data:
             h.update(np.ascontiguousarray(field.parts[i]).tobytes())
@@ -160,11 +160,13 @@ class Scores:
 
     def quality(self, fmt: str, path, which=("held", "text")) -> dict:
         """{"held": window_quality, "text": window_quality} (those in `which`) of one artifact."""
+        from edgeprune.artifacts import runtime_logits_fn
+
         key = gguf_content_key(path) if fmt == "gguf" else None
         known = self._memo.setdefault(key, {}) if key else {}
         missing = [w for w in which if w not in known]
         if missing:
-            fn = self._logits_fn(fmt, path)
+            fn = runtime_logits_fn(fmt, path, self.n_ctx, self.n_threads)
             try:
                 for w in missing:
                     known[w] = window_quality(fn, self.windows[w], self.refs.get(w))
@@ -173,15 +175,6 @@ class Scores:
                 if getattr(fn, "llm", None) is not None:
                     fn.llm.close()
         return {w: dict(known[w]) for w in which}  # copies: callers annotate their own
-
-    def _logits_fn(self, fmt: str, path):
-        if fmt == "gguf":
-            from edgeprune.exporters.llamacpp import llamacpp_logits_fn
-
-            return llamacpp_logits_fn(path, n_ctx=self.n_ctx, n_threads=self.n_threads)
-        from edgeprune.exporters.onnx_runtime import ort_logits_fn
-
-        return ort_logits_fn(path)
 
     def artifact(self, fmt: str, path, prompts: list[dict] | None = None) -> dict:
         """Everything the report shows for one artifact: both texts, and greedy answers for a GGUF."""

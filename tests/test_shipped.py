@@ -43,6 +43,11 @@ def test_scores_run_each_gguf_content_once(tiny, tmp_path):
         paths[name] = tmp_path / f"{name}.gguf"
         quantize_gguf(f32, paths[name], dtype, imatrix=imat, tied=True)
     keys = {name: shipped.gguf_content_key(p) for name, p in paths.items()}
+    from edgeprune.exporters.gguf import export_gguf
+
+    renamed = tmp_path / "renamed.f32.gguf"  # descriptive metadata only: the same computation
+    export_gguf(model, tok, renamed, dtype="f32", verify=False, metadata={"general.name": "renamed", "edgeprune.note": "x"})
+    assert renamed.read_bytes() != f32.read_bytes() and shipped.gguf_content_key(renamed) == shipped.gguf_content_key(f32)
     # llama.cpp's q8_0 ignores the importance matrix; q4_0 uses it
     assert keys["q8_0"] == keys["q8_0-imatrix"]
     assert len({keys["q8_0"], keys["q4_0"], keys["q4_0-imatrix"]}) == 3
