@@ -163,8 +163,9 @@ def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8,
         hidden = out
         if progress:
             progress(li + 1, len(layers))
-    if squares is not None and head_name(model) is not None:
+    head = head_name(model) if squares is not None else None
+    if head is not None:
         for i in range(0, len(hidden), batch_size):
-            squares.add(head_name(model), model.model.norm(hidden[i : i + batch_size]))
+            squares.add(head, model.model.norm(hidden[i : i + batch_size]))
     return CalibrationStats(blocks, int(ids.numel()), time.perf_counter() - start, description or {},
                             squares.means() if squares is not None else None)

@@ -156,13 +156,21 @@ class Scores:
         self.windows, self.refs, self.n_threads = windows, refs, n_threads
         self.n_ctx = max(w.shape[1] for w in windows.values())
         self._memo: dict[str, dict] = {}
+        self._keys: dict[tuple, str] = {}  # (path, size, mtime) -> content key: a 1B GGUF is 1.3 GB to hash
         self.runs = 0  # windows sets actually run through a runtime
+
+    def _key(self, path) -> str:
+        st = Path(path).stat()
+        at = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+        if at not in self._keys:
+            self._keys[at] = gguf_content_key(path)
+        return self._keys[at]
 
     def quality(self, fmt: str, path, which=("held", "text")) -> dict:
         """{"held": window_quality, "text": window_quality} (those in `which`) of one artifact."""
         from edgeprune.artifacts import runtime_logits_fn
 
-        key = gguf_content_key(path) if fmt == "gguf" else None
+        key = self._key(path) if fmt == "gguf" else None
         known = self._memo.setdefault(key, {}) if key else {}
         missing = [w for w in which if w not in known]
         if missing:
