@@ -347,18 +347,37 @@ def _out(o):
 
 
 class _Normal:
-    """Normal equations of one consumer over the fit tokens, accumulated in float64."""
+    """The least-squares system of one consumer over the fit tokens, accumulated in float64.
 
-    def __init__(self, k: int, d: int, device):
+    Two exact forms of the same ridge solution, chosen by size (T fit tokens, K kept input
+    columns, d outputs), with R = Y - X W0^T the residual of the kept weights:
+      primal  W^T = W0^T + (X^T X + λI)^-1 X^T R      a K x K system: the Gram is summed batch by batch
+      dual    W^T = W0^T + X^T (X X^T + λI)^-1 R      a T x T system: the rows are kept
+    ((X^T X + λI)^-1 X^T = X^T (X X^T + λI)^-1). The dual form is taken when T < K and it costs fewer
+    flops: a 1B model's down_proj refit on fit's 3k tokens has K ~ 6-8k, where each ridge's K x K
+    Cholesky solve with d = 2048 right-hand sides dominated the refit (issue #15)."""
+
+    def __init__(self, k: int, d: int, device, tokens: int | None = None, ridges: int = 1):
         f = dict(dtype=torch.float64, device=device)
-        self.xx, self.xy = torch.zeros(k, k, **f), torch.zeros(k, d, **f)
+        self.k, self.d = k, d
+        self.dual = tokens is not None and dual_is_cheaper(tokens, k, d, ridges)
+        if self.dual:  # the rows themselves: T x (K + d), less than the K x K Gram since T < K
+            self.x, self.y = torch.empty(tokens, k, **f), torch.empty(tokens, d, **f)
+        else:
+            self.xx, self.xy = torch.zeros(k, k, **f), torch.zeros(k, d, **f)
         self.sx, self.sy, self.n = torch.zeros(k, **f), torch.zeros(d, **f), 0
         self.centred = False
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.double(), y.double()
-        self.xx += x.T @ x
-        self.xy += x.T @ y
+        if self.dual:
+            if self.n + len(x) > len(self.x):
+                raise RuntimeError(f"more than the {len(self.x)} fit tokens these equations were sized for")
+            self.x[self.n : self.n + len(x)] = x
+            self.y[self.n : self.n + len(x)] = y
+        else:
+            self.xx += x.T @ x
+            self.xy += x.T @ y
         self.sx += x.sum(0)
         self.sy += y.sum(0)
         self.n += x.shape[0]
@@ -367,37 +386,62 @@ class _Normal:
         """Yield (r, W [d, K], bias delta [d] or None) for W = argmin ||X W^T + b - Y||² + λ||W - W0||²,
         λ = r · mean diag of the (centred) Gram, one ridge at a time; the intercept is unpenalised
         (solved on centred sums, centred in place: iterate it once). Each λ > 0 is one Cholesky solve
-        of the K x K system: on a 1B model's down_proj (K ~ 5.7k) one eigendecomposition for the
-        whole grid took ~10x the time of a Cholesky and held three more K x K copies (issue #15).
-        Beside the Gram there is one K x K factor at a time (the ridge is added to the diagonal and
-        taken off again)."""
+        (K x K, or T x T in the dual form); λ = 0 is the least-squares solution nearest W0 (the
+        λ -> 0 limit), through an eigendecomposition. On a 1B model's down_proj (K ~ 5.7k) one
+        eigendecomposition for the whole grid took ~10x the time of a Cholesky and held three more
+        K x K copies (issue #15). Beside the Gram there is one factor at a time (the ridge is added
+        to the diagonal and taken off again)."""
         if self.centred:
             raise RuntimeError("these normal equations were centred in place by an earlier solutions(): accumulate them again")
         n = max(self.n, 1)
-        xx, xy = self.xx, self.xy
-        if intercept:
-            self.centred = True  # centred in place (rank-one updates, no K x K temporary): the sums are used once
-            xx.addr_(self.sx, self.sx, alpha=-1 / n)
-            xy.addr_(self.sx, self.sy, alpha=-1 / n)
-        scale = float(xx.diagonal().mean().clamp_min(1e-30))
         w0t = w0.double().T
+        if intercept:
+            self.centred = True  # centred in place (no K x K temporary): the sums are used once
+        if self.dual:
+            x, y = self.x[: self.n], self.y[: self.n]
+            if intercept:
+                x.sub_(self.sx / n)
+                y.sub_(self.sy / n)
+            scale = float(x.pow(2).sum()) / self.k  # the mean diagonal of the (centred) K x K Gram
+            a, r = x @ x.T, y - x @ w0t  # T x T, and the kept weights' residual T x d
+            rhs = lambda lam: r  # noqa: E731
+            back = lambda z, lam: w0t + x.T @ z  # noqa: E731
+        else:
+            a, xy = self.xx, self.xy
+            if intercept:
+                a.addr_(self.sx, self.sx, alpha=-1 / n)
+                xy.addr_(self.sx, self.sy, alpha=-1 / n)
+            scale = float(a.diagonal().mean())
+            # (G + λI)^-1 (X^T Y + λ W0^T) = W0^T + (G + λI)^-1 X^T R; λ = 0 needs the second form
+            rhs = lambda lam: xy + lam * w0t if lam > 0 else xy - a @ w0t  # noqa: E731
+            back = lambda z, lam: z if lam > 0 else w0t + z  # noqa: E731
+        scale = max(scale, 1e-30)
         for ridge in ridges:
             lam = ridge * scale
-            if lam <= 0:  # plain least squares: pseudo-inverse on the numerical range
-                evals, vecs = torch.linalg.eigh((xx + xx.T) / 2)
-                evals = evals.clamp_min(0)
+            if lam <= 0:  # least squares on the numerical range, nearest the kept weights
+                evals, vecs = torch.linalg.eigh((a + a.T) / 2)
                 inv = torch.where(evals > evals.max() * 1e-12, 1 / evals.clamp_min(1e-300), torch.zeros_like(evals))
-                wt = vecs @ ((vecs.T @ xy) * inv[:, None])
+                z = vecs @ ((vecs.T @ rhs(lam)) * inv[:, None])
                 del evals, vecs
-            else:  # the ridge goes on the diagonal and comes off again: one K x K factor beside the Gram, not two
-                diagonal = xx.diagonal().clone()
-                xx.diagonal().add_(lam)
+            else:  # the ridge goes on the diagonal and comes off again: one factor beside the system, not two
+                diagonal = a.diagonal().clone()
+                a.diagonal().add_(lam)
                 try:
-                    wt = _psd_solve(xx, xy + lam * w0t)
+                    z = _psd_solve(a, rhs(lam))
                 finally:
-                    xx.diagonal().copy_(diagonal)
-            w = wt.T
+                    a.diagonal().copy_(diagonal)
+            w = back(z, lam).T
             yield ridge, w, ((self.sy - w @ self.sx) / n if intercept else None)
+
+
+def dual_is_cheaper(tokens: int, k: int, d: int, ridges: int = 1) -> bool:
+    """Whether _Normal's T x T form costs fewer flops than the K x K one (only when T < K, so that
+    the rows it keeps are smaller than the Gram)."""
+    if tokens >= k:
+        return False
+    primal = 2 * tokens * k * k + ridges * (k**3 / 3 + 2 * k * k * d)
+    dual = 2 * tokens * tokens * k + 2 * tokens * k * d + ridges * (tokens**3 / 3 + 2 * tokens * tokens * d + 2 * tokens * k * d)
+    return dual < primal
 
 
 def _post_norm(model, consumer: str) -> bool:
@@ -427,7 +471,7 @@ def _refit_consumer(layer, name: str, lin: nn.Linear, h_in: torch.Tensor, h_in_d
     device = lin.weight.device
     w0 = lin.weight.detach().clone()
     b0 = lin.bias.detach().clone() if lin.bias is not None else None
-    eq = _Normal(lin.in_features, lin.out_features, device)
+    eq = _Normal(lin.in_features, lin.out_features, device, tokens=int(fit.sum()), ridges=len(ridges))
     seen = {}
     hook = lin.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
     err_before = ref = 0.0
