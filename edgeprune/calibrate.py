@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgeprune import arch
+from edgeprune.offload import to_device, visiting
 
 
 @dataclass
@@ -134,14 +135,16 @@ def _cos_stats(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8, progress=None, description=None,
-              imatrix: bool = False) -> CalibrationStats:
-    """Run the dense model block by block over `ids` [nsamples, seqlen] and collect BlockStats."""
+              imatrix: bool = False, block_device=None) -> CalibrationStats:
+    """Run the dense model block by block over `ids` [nsamples, seqlen] and collect BlockStats.
+    block_device: run each block there, one at a time, the model staying where it is (offload.py)."""
     from edgeprune.imatrix import SquareSums, block_linears, head_name
 
     start = time.perf_counter()
     squares = SquareSums() if imatrix else None
     hidden = embed(model, ids, batch_size)
-    position = rotary(model, ids.shape[1], hidden[:1])
+    position = to_device(rotary(model, ids.shape[1], hidden[:1]), block_device)
+    hidden = to_device(hidden, block_device)
     blocks = []
     layers = arch.layers(model)
     for li, layer in enumerate(layers):
@@ -154,7 +157,8 @@ def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8,
         if squares is not None:
             hooks += [lin.register_forward_pre_hook(squares.hook(name)) for name, lin in block_linears(model, li, layer)]
         try:
-            out = run_block(layer, hidden, position, batch_size)
+            with visiting(layer, block_device):
+                out = run_block(layer, hidden, position, batch_size)
         finally:
             for h in hooks:
                 h.remove()
@@ -165,7 +169,8 @@ def calibrate(model, ids: torch.Tensor, gram: bool = False, batch_size: int = 8,
             progress(li + 1, len(layers))
     head = head_name(model) if squares is not None else None
     if head is not None:
-        for i in range(0, len(hidden), batch_size):
-            squares.add(head, model.model.norm(hidden[i : i + batch_size]))
+        with visiting(model.model.norm, block_device):
+            for i in range(0, len(hidden), batch_size):
+                squares.add(head, model.model.norm(hidden[i : i + batch_size]))
     return CalibrationStats(blocks, int(ids.numel()), time.perf_counter() - start, description or {},
                             squares.means() if squares is not None else None)

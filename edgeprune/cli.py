@@ -95,6 +95,27 @@ def _check_model(spec: Optional[str], device: str = "cpu", dtype: str = "float32
     return peek_geometry(spec)
 
 
+def _check_offload(offload: bool, device: str, method: dict, allocation: Optional[str]) -> Optional[str]:
+    """prune --offload: the accelerator each block runs on (None without --offload), or one line saying
+    why not. Only block-by-block work streams: training and the sensitivity allocation run the whole model."""
+    from edgeprune.models import check_device
+
+    if not offload:
+        return None
+    dev = check_device(device)
+    if dev == "cpu":
+        raise EdgepruneError(f"--offload runs each block on an accelerator, one at a time, but --device {device} is the CPU here: "
+                             "pass --device cuda (or mps), or leave --offload out")
+    steps = [s for s in str(method.get("recover") or "none").split("+") if s != "none"]
+    trained = [s for s in steps if s in ("lora", "kd")]
+    if trained:
+        raise EdgepruneError(f"--offload streams blocks for the calibration pass and closed-form recovery (bias, lstsq, mask); "
+                             f"--recover {'+'.join(steps)} trains the whole model at once: leave --offload out or recover with lstsq")
+    if (allocation or method.get("allocation")) == "sensitivity":
+        raise EdgepruneError("--offload streams blocks one at a time; --allocation sensitivity measures the whole model: use cfsp or uniform")
+    return dev
+
+
 def _warn_context(geometry: dict, seqlen: int) -> None:
     ctx = geometry.get("context")
     if isinstance(ctx, int) and seqlen > ctx:
@@ -249,6 +270,9 @@ def prune(
                                "per-layer where the model's GGUF architecture can hold it (Llama, Mistral, Qwen2), else uniform (Qwen3, Gemma 3)"),
     threads: Optional[int] = ThreadsOpt,
     device: str = DeviceOpt,
+    offload: bool = typer.Option(False, "--offload", help="keep the model on the CPU (memory-mapped) and run the calibration pass and "
+                                 "lstsq block by block on --device (cuda, mps), one block there at a time: for models larger than "
+                                 "the accelerator's memory"),
     dtype: str = DtypeOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -278,6 +302,7 @@ def prune(
     if calib != "self" and not calib.startswith("dataset:") and not Path(calib).expanduser().is_file():
         raise EdgepruneError(f"--calib {calib}: no such file (pass 'self', a .txt/.jsonl file or dataset:NAME)")
     geometry = _check_model(model, device, dtype)
+    block_device = _check_offload(offload, device, plan.method if plan is not None else opts, allocation)
     n_layers, ffn = geometry.get("num_layers"), geometry.get("ffn")
     if drop_layers and isinstance(n_layers, int) and drop_layers >= n_layers:
         raise EdgepruneError(f"--drop-layers must be between 0 and {n_layers - 1} (the model has {n_layers} layers), got {drop_layers}")
@@ -299,8 +324,10 @@ def prune(
     _torch_threads(threads)
     report = run_header("prune", args)
     t0 = time.perf_counter()
-    lm = _load(model, device, dtype)
+    lm = _load(model, "cpu" if block_device else device, dtype)
     report["timings"] = {"load_s": time.perf_counter() - t0}
+    if block_device:
+        report["offload"] = {"block_device": block_device, "model_device": "cpu"}
     if plan is not None:  # against the loaded model, before any calibration or recovery
         from edgeprune.pipeline import base_of
 
@@ -312,14 +339,15 @@ def prune(
     stats = ids = None
     with ui.progress(quiet=json_out) as bar:
         if plan is None:
-            ids, stats, timings = calibration_pass(lm, calib, nsamples, seqlen, seed, progress=bar,
+            ids, stats, timings = calibration_pass(lm, calib, nsamples, seqlen, seed, progress=bar, block_device=block_device,
                                                    gram=needs_gram(method.value, opts["score"], opts["recover"]))
             report["timings"].update(timings)
             report["block_importance"] = {"angular": stats.angular, "block_influence": stats.block_influence}
         pruned, plan, report = prune_and_save(
             lm, stats, out, plan=plan, report=report, ids=ids, progress=bar, sparsity=sparsity, method=method.value, target=target,
             allocation=allocation, score=score, heads=heads, drop_layers=drop_layers, align=align, temperature=temperature,
-            min_keep=min_keep, seed=seed, recover=recover, recover_args=recover_args, shapes=shapes, inplace=True)
+            min_keep=min_keep, seed=seed, recover=recover, recover_args=recover_args, shapes=shapes, inplace=True,
+            block_device=block_device)
     if json_out:
         ui.print_json(report)
         return

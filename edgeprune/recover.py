@@ -67,6 +67,7 @@ from edgeprune.calibrate import CalibrationStats, ChannelStats, block_kwargs, ca
 # LoRALinear stays importable from here
 from edgeprune.distill import KD_DEFAULTS, KD_LORA_LR, LoRALinear, attach_lora, distill, merge_lora  # noqa: F401
 from edgeprune.errors import EdgepruneError
+from edgeprune.offload import to_device, visiting
 from edgeprune.plan import PrunePlan
 
 CLOSED_FORM = ("bias", "lstsq", "mask")  # the recoveries solved in closed form from calibration data, one block at a time
@@ -525,14 +526,16 @@ def _refit_consumer(layer, name: str, lin: nn.Linear, h_in: torch.Tensor, h_in_d
 
 
 @torch.no_grad()
-def sequential_lstsq(blocks, model, plan: PrunePlan, ids: torch.Tensor, args: dict, batch_size: int = 8, progress=None) -> dict:
+def sequential_lstsq(blocks, model, plan: PrunePlan, ids: torch.Tensor, args: dict, batch_size: int = 8, progress=None,
+                     block_device=None) -> dict:
     """lstsq on the pruned network's own inputs, block by block (sequential error feedback), with
     the ridge of every consumer chosen on held-out calibration rows ("unchanged" when none helps).
     `blocks` is block_pairs(...) or apply.pruning_in_place(...); `model` gives the embedding and
     rotary tables (the pruned and dense models share them).
 
     Memory: four copies of the calibration hidden states (dense and pruned, in and out, plus the
-    dense consumers' outputs) and one consumer's normal equations; pruned blocks change in place."""
+    dense consumers' outputs) and one consumer's normal equations; pruned blocks change in place.
+    block_device: the refit runs there, a dense block and its pruned one at a time (offload.py)."""
     if ids is None or len(ids) == 0 or ids.shape[1] < 2:
         raise EdgepruneError("lstsq recovery needs the calibration token ids (at least one row of 2 tokens)")
     rows, seqlen = ids.shape
@@ -541,33 +544,40 @@ def sequential_lstsq(blocks, model, plan: PrunePlan, ids: torch.Tensor, args: di
     target = args.get("lstsq_target", "block")
     split = heldout_split(rows, seqlen)
     h_d = embed(model, ids, batch_size)
+    position = to_device(rotary(model, seqlen, h_d[:1]), block_device)
+    h_d = to_device(h_d, block_device)
     h_p = h_d.clone()  # the pruned model shares the dense embedding
-    position = rotary(model, seqlen, h_d[:1])
     post_norm = {name: _post_norm(model, name) for name in ("o_proj", "down_proj")}
     n_layers = plan.base["num_layers"]
     out = []
     for li, dl, pl, lp in blocks:
-        kw_d = block_kwargs(dl, position)
-        if lp is None:  # a dropped layer: the dense stream goes through it, the pruned one skips it
-            h_d = _run(dl, h_d, kw_d, batch_size)
-        else:
-            kw_p = block_kwargs(pl, position)
-            todo = []
-            if len(lp.kv_keep) < plan.base["kv_heads"]:  # o_proj first: its output feeds the FFN
-                todo.append(("o_proj", pl.self_attn.o_proj, dl.self_attn.o_proj, lp.attn_out_bias))
-            if len(lp.ffn_keep) < dl.mlp.down_proj.in_features:
-                todo.append(("down_proj", pl.mlp.down_proj, dl.mlp.down_proj, lp.ffn_bias))
-            if todo:
-                h_out_d, rep = _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, post_norm, batch_size)
-                out.append(rep)
-            else:
-                h_out_d = _run(dl, h_d, kw_d, batch_size)
-            h_d, h_p = h_out_d, _run(pl, h_p, kw_p, batch_size)  # the next block's inputs, after this one's refit
+        with visiting(dl, block_device), visiting(pl, block_device, keep=True):
+            h_d, h_p, rep = _lstsq_block(li, dl, pl, lp, h_d, h_p, position, plan, split, ridges, intercept, target, post_norm, batch_size)
+        if rep is not None:
+            out.append(rep)
         if progress:
             progress("lstsq recovery", li + 1, n_layers)
     n_consumers = sum(len(b["consumers"]) for b in out)
     n_refit = sum(c["ridge"] != "unchanged" for b in out for c in b["consumers"].values())
     return _lstsq_summary(out, n_consumers, n_refit, split, ridges, target)
+
+
+def _lstsq_block(li, dl, pl, lp, h_d, h_p, position, plan, split, ridges, intercept, target, post_norm, batch_size):
+    """(next dense inputs, next pruned inputs, the block's report or None) for block `li`."""
+    kw_d = block_kwargs(dl, position)
+    if lp is None:  # a dropped layer: the dense stream goes through it, the pruned one skips it
+        return _run(dl, h_d, kw_d, batch_size), h_p, None
+    kw_p = block_kwargs(pl, position)
+    todo, rep = [], None
+    if len(lp.kv_keep) < plan.base["kv_heads"]:  # o_proj first: its output feeds the FFN
+        todo.append(("o_proj", pl.self_attn.o_proj, dl.self_attn.o_proj, lp.attn_out_bias))
+    if len(lp.ffn_keep) < dl.mlp.down_proj.in_features:
+        todo.append(("down_proj", pl.mlp.down_proj, dl.mlp.down_proj, lp.ffn_bias))
+    if todo:
+        h_out_d, rep = _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, post_norm, batch_size)
+    else:
+        h_out_d = _run(dl, h_d, kw_d, batch_size)
+    return h_out_d, _run(pl, h_p, kw_p, batch_size), rep  # the next block's inputs, after this one's refit
 
 
 def _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, post_norm, batch_size):
@@ -705,12 +715,13 @@ def lora_recover(pruned, plan: PrunePlan, stats: CalibrationStats, ids: torch.Te
 
 # --------------------------------------------------------------------------------- the entry point
 def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids: torch.Tensor | None = None, progress=None,
-            blocks=None) -> dict:
+            blocks=None, block_device=None) -> dict:
     """Run the recovery recorded in `plan.method` on `pruned` (made from `dense` by apply_plan).
 
     In place (dense None): `pruned` is the dense model and `blocks` is apply.pruning_in_place(pruned,
     plan), which prunes it block by block while the closed-form step runs; lora may follow, kd cannot
-    (it needs the dense model as teacher)."""
+    (it needs the dense model as teacher). block_device: sequential lstsq runs each block there
+    (offload.py); the other closed forms only read calibration statistics."""
     steps = _steps(plan.method["recover"])
     if dense is None and (blocks is None or "kd" in steps or not any(s in CLOSED_FORM for s in steps)):
         raise EdgepruneError("recovery in place needs pruning_in_place blocks and a closed-form step (bias, lstsq or mask), and no kd")
@@ -733,7 +744,8 @@ def recover(pruned, dense, plan: PrunePlan, stats: CalibrationStats | None, ids:
                                 layer_map=[lp.index for lp in plan.layers], lora_rank=args.get("kd_lora_rank", KD_DEFAULTS["kd_lora_rank"]),
                                 progress=progress)
         elif sequential:
-            report[s] = sequential_lstsq(blocks or block_pairs(pruned, dense, plan), pruned, plan, ids, args, progress=progress)
+            report[s] = sequential_lstsq(blocks or block_pairs(pruned, dense, plan), pruned, plan, ids, args, progress=progress,
+                                         block_device=block_device)
         else:
             if s == "lstsq" and stats.blocks[0].ffn.gram is None and ids is not None:
                 if dense is None:

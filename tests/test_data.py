@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from edgeprune.data import calibration_ids, windows_from_text
+from edgeprune.data import calibration_ids, nucleus, windows_from_text
 from edgeprune.errors import EdgepruneError
 from tests.conftest import run_cli
 
@@ -56,3 +56,18 @@ def test_empty_calibration_file_cli(tiny_dir, tmp_path):
     r = run_cli("prune", tiny_dir, "--calib", empty, "--out", tmp_path / "out")
     assert r.returncode == 2 and "calibration file is empty" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.3, 2.0])
+def test_nucleus_draws_what_a_full_sort_draws(temperature):
+    """Sorting only the top candidates when they hold the top-p mass (peaked rows), the whole row
+    otherwise (flat ones): the same distribution, and the same draws from the same generator."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(24, 5000, generator=g) / temperature, -1)
+    ordered, order = probs.sort(-1, descending=True)
+    want = ordered * (ordered.cumsum(-1) - ordered < 0.95)
+    got, got_order = nucleus(probs, first=64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    a = torch.multinomial(got / got.sum(-1, keepdim=True), 1, generator=torch.Generator().manual_seed(5))
+    b = torch.multinomial(want / want.sum(-1, keepdim=True), 1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got_order.gather(-1, a), order.gather(-1, b))

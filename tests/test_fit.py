@@ -259,3 +259,22 @@ def test_fit_lets_the_dense_model_go_while_it_builds_finalists(tiny_dir, tiny_de
     assert any(name.endswith("kd") for name in report["recovery"]["tried"]), report["recovery"]
     assert len(alive) >= 3 and not any(alive)  # one reload per recovery trial, the first dense model never alive
     assert at_quality == [0]  # nor any other model (kd's teacher, the losing trials, the shipped one) by the quality table
+
+
+def test_a_dense_model_that_ships_is_benchmarked_alone(monkeypatch):
+    """A pruned choice is benchmarked alternately with the dense model in its mix (a paired speed-up);
+    a dense choice is that dense mix itself, so it is benchmarked once, not against itself."""
+    from types import SimpleNamespace
+
+    from edgeprune import fit
+
+    calls = []
+    monkeypatch.setattr(fit, "bench_interleaved", lambda paths, *a: calls.append(("paired", tuple(paths))) or ({"x": 1}, {"x": 1}))
+    monkeypatch.setattr(fit, "paired_ratio", lambda a, b: 1.25)
+    monkeypatch.setattr(fit, "bench_artifact", lambda path, **k: calls.append(("alone", path)) or {"x": 1})
+    for plan, want in ((object(), [("paired", ("model.gguf", "dense.gguf"))]), (None, [("alone", "model.gguf")])):
+        calls.clear()
+        art = {"gguf": {"path": "model.gguf"}}
+        fit._bench(art, "dense.gguf", "gguf", SimpleNamespace(plan=plan), None, None, 1, 3, 2, lambda *a: None)
+        assert calls == want
+        assert ("measured_decode_speedup" in art["gguf"]) == (plan is not None)

@@ -12,7 +12,8 @@ from edgeprune.calibrate import calibrate, embed, rotary, run_block
 from edgeprune.errors import EdgepruneError
 from edgeprune.plan import base_description
 from edgeprune.prune import make_plan, pruned_copy, with_recovery
-from edgeprune.recover import _Normal, check_recover_args, heldout_split, lstsq_solution, needs, recover
+from edgeprune import recover as recover_module
+from edgeprune.recover import _Normal, check_recover_args, dual_is_cheaper, heldout_split, lstsq_solution, needs, recover
 from edgeprune.testing import tiny_model
 
 FAMILIES = ("llama", "qwen3", "gemma3")
@@ -180,6 +181,62 @@ def test_a_huge_ridge_is_the_kept_weights_and_zero_is_least_squares():
     (_, w_ni, b_ni), = eq.solutions(w0, [0.0], intercept=False)
     assert b_ni is None
     torch.testing.assert_close(w_ni, torch.linalg.lstsq(x, y).solution.T, rtol=1e-8, atol=1e-8)
+
+
+# ------------------------------------------------------------------ the T x T (dual) form
+@pytest.mark.parametrize("intercept", [True, False])
+def test_dual_form_is_the_primal_solution(intercept):
+    """Fewer fit tokens than kept columns (a 1B model's down_proj on fit's 3k tokens): the T x T system
+    gives the K x K system's solution for every ridge, the least-squares one nearest W0 included."""
+    g = torch.Generator().manual_seed(3)
+    t, k, d = 40, 120, 6
+    x = torch.randn(t, k, generator=g, dtype=torch.float64) @ torch.randn(k, k, generator=g, dtype=torch.float64) / 10 + 0.4
+    y, w0 = torch.randn(t, d, generator=g, dtype=torch.float64) + 1.0, torch.randn(d, k, generator=g, dtype=torch.float64)
+    ridges = [1e-3, 1e-2, 0.1, 1.0, 0.0]
+    forms = []
+    for tokens in (None, t):
+        eq = _Normal(k, d, "cpu", tokens=tokens, ridges=len(ridges))
+        for i in range(0, t, 16):
+            eq.add(x[i : i + 16], y[i : i + 16])
+        forms.append((eq.dual, list(eq.solutions(w0, ridges, intercept))))
+    (primal_is_dual, primal), (dual_is_dual, dual) = forms
+    assert not primal_is_dual and dual_is_dual
+    for (r, wp, bp), (_, wd, bd) in zip(primal, dual):
+        torch.testing.assert_close(wd, wp, rtol=1e-9, atol=1e-9)
+        if intercept:
+            torch.testing.assert_close(bd, bp, rtol=1e-9, atol=1e-9)
+        else:
+            assert bp is None and bd is None
+        if r == 0.0:  # underdetermined: it fits the fit rows exactly, and moves W0 only within the rows' span
+            pred = x @ wd.T + (bd if intercept else 0)
+            torch.testing.assert_close(pred, y, rtol=1e-7, atol=1e-7)
+            xc = x - x.mean(0) if intercept else x
+            moved = (wd - w0).T
+            torch.testing.assert_close(xc.T @ torch.linalg.lstsq(xc.T, moved).solution, moved, rtol=1e-7, atol=1e-7)
+
+
+def test_dual_form_only_where_it_is_cheaper():
+    assert dual_is_cheaper(3072, 7776, 2048, 4)  # Llama-3.2-1B down_proj at 20 % on fit's 32 x 128 tokens
+    assert not dual_is_cheaper(3072, 1216, 576, 4)  # SmolLM2-135M: more tokens than columns
+    assert not dual_is_cheaper(4096, 4096, 2048, 4)
+    with pytest.raises(RuntimeError, match="sized for"):
+        _Normal(8, 2, "cpu", tokens=3).add(torch.zeros(4, 8), torch.zeros(4, 2))
+
+
+def test_lstsq_refits_the_same_model_in_either_form(tok, monkeypatch):
+    """Either form forced (each is exact for any token count; the cost decides which runs)."""
+    model, ids, stats, base = _setup("llama", tok)
+    plan = _plan(model, stats, base, 0.5)
+    results = []
+    for dual in (True, False):
+        monkeypatch.setattr(recover_module, "dual_is_cheaper", lambda *a, dual=dual, **k: dual)
+        restored = pruned_copy(model, plan)
+        rep = recover(restored, model, plan, stats, ids)["lstsq"]
+        results.append(([c["ridge"] for b in rep["blocks"] for c in b["consumers"].values()], restored.state_dict()))
+    (ridges_dual, sd_dual), (ridges_primal, sd_primal) = results
+    assert ridges_dual == ridges_primal and any(r != "unchanged" for r in ridges_dual), ridges_dual
+    for n, t in sd_dual.items():
+        torch.testing.assert_close(t, sd_primal[n], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- plumbing
