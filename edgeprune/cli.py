@@ -529,6 +529,7 @@ def fit(
     recover: str = typer.Option("lstsq,bias,kd", "--recover", help="recoveries to try on the chosen model (held-out KL keeps the best, or none): lstsq, bias, mask, lora, none; kd distills from the dense model on top of the best"),
     recover_time: str = typer.Option("auto", "--recover-time", help="time box of kd: auto (what is left of fit's 10-minute budget after the reserve for export, verification and the quality report; skipped under 30 s) or a duration like 3min, 90s, 300"),
     max_quality_loss: Optional[str] = typer.Option(None, "--max-quality-loss", help="quality floor on the shipped artifact: a perplexity ratio to the dense model (1.15x) or a held-out KL (kl:0.3); exit 3 when nothing meets it"),
+    heads: bool = typer.Option(False, "--heads/--no-heads", help="also search structures that remove KV groups (a KV head with its query heads) together with FFN channels under the same parameter budget (off by default: see the README's measurement)"),
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
 ):
@@ -567,7 +568,7 @@ def fit(
         report, code = run_fit(model, profile, out, min_tokens_per_s, max_memory, max_ttft_s, dtype,
                                tuple(f.strip() for f in formats.split(",") if f.strip()), nsamples, seqlen, seed=seed,
                                threads=threads, host_profile=host_profile, recover=recover, progress=bar, log=ui.info,
-                               max_quality_loss=max_quality_loss, recover_seconds=recover_seconds)
+                               max_quality_loss=max_quality_loss, recover_seconds=recover_seconds, heads=heads)
     if json_out:
         ui.print_json(report)
         return

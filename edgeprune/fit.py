@@ -172,8 +172,9 @@ def apply_overrides(targets, min_tok_s=None, max_memory=None, max_ttft=None):
 def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None, max_ttft=None, dtype=None,
             formats=("gguf", "onnx"), nsamples=32, seqlen=128, heldout=8, seed=0, threads=None,
             host_profile="ci-cpu", bench_rounds=3, bench_repeats=2, recover="lstsq,bias,kd", progress=None, log=print,
-            max_quality_loss=None, prompts=True, recover_seconds=None) -> tuple[dict, int]:
-    """`recover_seconds`: kd's time box in seconds, or None / "auto" for what is left of FIT_BUDGET_S."""
+            max_quality_loss=None, prompts=True, recover_seconds=None, heads=False) -> tuple[dict, int]:
+    """`recover_seconds`: kd's time box in seconds, or None / "auto" for what is left of FIT_BUDGET_S.
+    `heads`: the search also tries structures that remove KV groups with the FFN channels (--heads)."""
     t_start = time.perf_counter()
     timings = {}
     step = (lambda label: (lambda i, n: progress(label, i, n))) if progress else (lambda label: None)
@@ -191,7 +192,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     out = Path(out)
     report = run_header("fit", dict(model=model_spec, profile=profile_name, out=out, min_tok_s=min_tok_s, max_memory=max_memory,
                                     max_ttft=max_ttft, dtype=dtype, formats=list(formats), nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                    max_quality_loss=max_quality_loss))
+                                    max_quality_loss=max_quality_loss, heads=heads))
     report["memory"] = memory = {}  # by phase, filled as the fit goes
     report["profile"] = {"name": profile.name, "source": profile.source, "targets": dataclasses.asdict(targets),
                          "memory_budget": profile.memory.budget, "export": dataclasses.asdict(profile.export),
@@ -227,8 +228,11 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
     if "bias" in recoveries and "gguf" in formats and not family.gguf_reads({"attn_output", "ffn_down"}):
         recoveries = [r for r in recoveries if r != "bias"]
         log(f"recovery bias skipped: llama.cpp's {family.uniform_arch} graph reads no o/down-projection biases")
+    if heads and base["kv_heads"] < 2:
+        log(f"--heads: the model has {base['kv_heads']} KV group per layer, none can go; searching FFN channels and layers")
+        heads = False
     candidates = search.enumerate_candidates(lm.model, stats, base, profile, menu, targets, profile.export.width_multiple, seed=seed,
-                                             imatrix=use_imatrix, shapes=shapes["shapes"])
+                                             imatrix=use_imatrix, shapes=shapes["shapes"], heads=heads)
     timings["enumerate_s"] = time.perf_counter() - t
     memory["enumerate"] = memory_now()
     report["dense"] = {c.mix: c.to_dict() for c in candidates if c.plan is None}
@@ -261,6 +265,7 @@ def run_fit(model_spec, profile_name, out: Path, min_tok_s=None, max_memory=None
         memory["quant_kl"] = memory_now()
         report["candidates"] = [c.to_dict() for c in candidates if c.kl_structure is not None or c.check.ok]
         report["search"] = {"evaluated_structures": len(keys), "candidates": len(candidates), "mixes": [search.mix_label(*m) for m in menu],
+                            "kv_groups": "searched with the FFN channels (--heads)" if heads else "kept (FFN channels and layers only)",
                             "feasible": sum(c.check.ok for c in candidates), "quantization": mixes_info,
                             "quality_proxy": "KL(dense||candidate) structure (torch) + quantization (runtime), nats/token on held-out self-generated text"}
 

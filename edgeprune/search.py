@@ -62,10 +62,11 @@ class Candidate:
     head: str | None = None  # storage override of the output projection (mixed precision)
     kl_structure: float | None = None
     kl_quant: float | None = None
+    heads: bool = False  # KV groups pruned with the FFN channels under the one parameter budget
 
     @property
-    def key(self) -> tuple[float, int]:
-        return (self.sparsity, self.drop_layers)
+    def key(self) -> tuple[float, int, bool]:
+        return (self.sparsity, self.drop_layers, self.heads)
 
     @property
     def quality(self) -> float:
@@ -75,8 +76,12 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        s = "dense" if self.plan is None else f"{self.sparsity:.0%} FFN-eq"
+        s = "dense" if self.plan is None else f"{self.sparsity:.0%} FFN-eq" + (f" with {self.kv_removed} KV groups" if self.heads else "")
         return s + (f", -{self.drop_layers} layers" if self.drop_layers else "") + f", {self.mix}"
+
+    @property
+    def kv_removed(self) -> int:
+        return 0 if self.plan is None else sum(self.plan.base["kv_heads"] - len(lp.kv_keep) for lp in self.plan.layers)
 
     @property
     def mix(self) -> str:
@@ -86,6 +91,8 @@ class Candidate:
         return {
             "sparsity": self.sparsity,
             "drop_layers": self.drop_layers,
+            "heads": self.heads,
+            "kv_groups_removed": self.kv_removed,
             "dtype": self.dtype,
             "head": self.head,
             "mix": self.mix,
@@ -107,32 +114,38 @@ def geometry_of(model, plan: PrunePlan | None) -> ModelGeometry:
 
 def enumerate_candidates(model, stats, base: dict, profile, mix_menu, targets, align: int, seed: int = 0,
                          sparsities=SPARSITY_GRID, drops=DROP_GRID, allocation="cfsp", score="cfsp",
-                         imatrix: bool = True, shapes: str = "per-layer") -> list[Candidate]:
+                         imatrix: bool = True, shapes: str = "per-layer", heads: bool = False) -> list[Candidate]:
     """Every (structure, mix) with its predicted latency and memory on `profile`; `mix_menu` is
     `mixes(...)`'s (dtype, head override) pairs. shapes "uniform": only structures whose layers
-    share one shape (what a GGUF of Qwen3 or Gemma 3 can load)."""
+    share one shape (what a GGUF of Qwen3 or Gemma 3 can load). heads: each sparsity also with KV
+    groups pruned jointly with the FFN channels under the same parameter budget (prune --heads),
+    where that removes at least one group."""
     n_layers = model.config.num_hidden_layers
-    plans: dict[tuple[float, int], PrunePlan | None] = {}
+    plans: dict[tuple[float, int, bool], PrunePlan | None] = {}
     for drop in drops:
         if drop > n_layers - 2:
             continue
         for p in sparsities:
             if p == 0.0:
                 if drop == 0:
-                    plans[(0.0, 0)] = None
+                    plans[(0.0, 0, False)] = None
                 continue
-            try:
-                plans[(p, drop)] = make_plan(model, stats, base, p, method=allocation, score=score,
-                                             drop_layers=drop, align=align, seed=seed, shapes=shapes,
-                                             recover="none")  # fit tries the recoveries itself
-            except EdgepruneError:
-                continue  # e.g. dropping layers alone already removes more than p asks
+            for kv in (False, True) if heads else (False,):
+                try:
+                    plan = make_plan(model, stats, base, p, method=allocation, score=score, drop_layers=drop, align=align,
+                                     seed=seed, shapes=shapes, heads=kv, recover="none")  # fit tries the recoveries itself
+                except EdgepruneError:
+                    continue  # e.g. dropping layers alone already removes more than p asks
+                if kv and all(len(lp.kv_keep) == base["kv_heads"] for lp in plan.layers):
+                    continue  # no group removed: the FFN-only structure
+                plans[(p, drop, kv)] = plan
     out = []
-    for (p, drop), plan in plans.items():
+    for (p, drop, kv), plan in plans.items():
         geom = geometry_of(model, plan)
         for dtype, head in mix_menu:
             pred = latency.predict_for_profile(geom, profile, dtype, head_dtype=head, imatrix=imatrix)
-            out.append(Candidate(p, drop, dtype, plan, pred, latency.check_targets(pred, targets, profile.memory.budget), head))
+            out.append(Candidate(p, drop, dtype, plan, pred, latency.check_targets(pred, targets, profile.memory.budget), head,
+                                 heads=kv))
     return out
 
 
@@ -220,7 +233,7 @@ def choose(candidates: list[Candidate], dtype_order: list[str]) -> Candidate | N
     feasible = [c for c in candidates if c.check.ok and not math.isinf(c.quality)]
     if not feasible:
         return None
-    return min(feasible, key=lambda c: (round(c.quality, 6), dtype_order.index(c.dtype), c.head or "", c.sparsity, c.drop_layers))
+    return min(feasible, key=lambda c: (round(c.quality, 6), dtype_order.index(c.dtype), c.head or "", c.sparsity, c.drop_layers, c.heads))
 
 
 def best(candidates: list[Candidate], dtype_order: list[str], dense: bool) -> Candidate | None:
@@ -228,18 +241,18 @@ def best(candidates: list[Candidate], dtype_order: list[str], dense: bool) -> Ca
     return choose([c for c in candidates if (c.plan is None) == dense], dtype_order)
 
 
-def to_evaluate(candidates: list[Candidate]) -> list[tuple[float, int]]:
-    """(sparsity, drop) keys worth a structure-KL evaluation: for each (drop, dtype) the least pruned
-    feasible candidate, plus a coarse grid for the frontier plot."""
+def to_evaluate(candidates: list[Candidate]) -> list[tuple[float, int, bool]]:
+    """(sparsity, drop, heads) keys worth a structure-KL evaluation: for each (drop, heads, dtype) the
+    least pruned feasible candidate, plus a coarse grid of FFN-only structures for the frontier plot."""
     keys = set()
-    by_group: dict[tuple[int, str], list[Candidate]] = {}
+    by_group: dict[tuple[int, bool, str], list[Candidate]] = {}
     for c in candidates:
         if c.check.ok:
-            by_group.setdefault((c.drop_layers, c.mix), []).append(c)
+            by_group.setdefault((c.drop_layers, c.heads, c.mix), []).append(c)
     for group in by_group.values():
         keys.add(min(group, key=lambda c: c.sparsity).key)
     for c in candidates:
-        if c.sparsity in FRONTIER_SPARSITIES and c.drop_layers in (0, 2):
+        if c.sparsity in FRONTIER_SPARSITIES and c.drop_layers in (0, 2) and not c.heads:
             keys.add(c.key)
     return sorted(keys)
 

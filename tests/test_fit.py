@@ -278,3 +278,20 @@ def test_a_dense_model_that_ships_is_benchmarked_alone(monkeypatch):
         fit._bench(art, "dense.gguf", "gguf", SimpleNamespace(plan=plan), None, None, 1, 3, 2, lambda *a: None)
         assert calls == want
         assert ("measured_decode_speedup" in art["gguf"]) == (plan is not None)
+
+
+def test_fit_heads_scores_kv_group_structures_beside_ffn_ones(tiny_dir, tiny_dense_speed, tmp_path):
+    prof = _profile_with(tmp_path, "tight", decode_tok_s_min=tiny_dense_speed * 1.03, ttft_max_s=None, memory_max=None)
+    out = tmp_path / "fit"
+    r = run_cli("fit", "--profile", prof, "--model", tiny_dir, "--out", out, "--formats", "gguf", "--dtype", "q8_0", "--heads",
+                "--nsamples", "4", "--seqlen", "32", "--recover", "none", env={"EDGEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["args"]["heads"] is True and report["search"]["kv_groups"].startswith("searched")
+    scored = [c for c in report["candidates"] if c["kl_structure"] is not None and c["sparsity"] > 0]
+    assert any(c["heads"] and c["kv_groups_removed"] >= 1 for c in scored) and any(not c["heads"] for c in scored)
+    chosen = report["result"]["chosen"]
+    best = min((c for c in scored if c["targets"]["ok"]), key=lambda c: c["quality_kl"] if c["quality_kl"] is not None else 9e9)
+    assert chosen["quality_kl"] <= best["quality_kl"] + 1e-9  # whichever kind scored best is the finalist that shipped
+    plan = json.loads((out / "model" / "plan.json").read_text())  # what ships keeps the chosen structure's KV groups
+    assert sum(2 - len(lp["kv_keep"]) for lp in plan["layers"]) == chosen["kv_groups_removed"]

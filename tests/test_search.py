@@ -77,3 +77,40 @@ def test_lazy_scoring_finds_the_exhaustive_finalists(seed):
     assert len(calls) == len(set(calls)) == len(got)
     assert [c and c.label for c in _finalists(cands, got)] == [c and c.label for c in want]
     assert set(got) | {m for m in MENU if search.mix_label(*m) in skipped} == {(c.dtype, c.head) for c in cands if c.check.ok}
+
+
+def test_kv_groups_join_the_search_under_the_same_budget(tok):
+    """--heads: each sparsity also as FFN channels + KV groups from the one parameter budget, where
+    that removes a group; such structures are scored like the others (masks on the dense model)."""
+    import torch
+
+    from edgeprune.calibrate import calibrate
+    from edgeprune.plan import base_description
+    from edgeprune.profiles import load_profile
+    from edgeprune.testing import tiny_model
+
+    model, _ = tiny_model("llama", tok, layers=4, heads=4, kv_heads=2, ffn=256, seed=1)
+    ids = torch.randint(0, len(tok), (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = calibrate(model, ids)
+    base = base_description(model, "tiny-llama", "x")
+    prof = load_profile("ci-cpu")
+    menu = [("q8_0", None)]
+    plain = search.enumerate_candidates(model, stats, base, prof, menu, prof.targets, 32, sparsities=(0.0, 0.2, 0.4), drops=(0,))
+    both = search.enumerate_candidates(model, stats, base, prof, menu, prof.targets, 32, sparsities=(0.0, 0.2, 0.4), drops=(0,),
+                                       heads=True)
+    assert not any(c.heads for c in plain) and {c.key for c in plain} < {c.key for c in both}
+    kv = [c for c in both if c.heads]
+    assert kv and all(c.kv_removed >= 1 and "KV groups" in c.label for c in kv)
+    ffn_only = {c.sparsity: c for c in both if not c.heads and c.plan is not None}
+    for c in kv:  # the same parameter budget as the FFN-only structure at that sparsity (widths round to 32 channels)
+        same = ffn_only[c.sparsity].plan.achieved["params_pruned"]
+        assert abs(c.plan.achieved["params_pruned"] - same) <= 32 * 3 * 64 * 4
+        assert c.to_dict()["kv_groups_removed"] == c.kv_removed and c.to_dict()["heads"]
+    for c in both:
+        c.check = SimpleNamespace(ok=True)
+    keys = search.to_evaluate(both)
+    assert {c.key for c in kv} & set(keys) and len(set(keys)) == len(keys)
+    held = torch.randint(0, len(tok), (2, 32), generator=torch.Generator().manual_seed(1))
+    dense_lp = search.dense_logprobs(model, held)
+    kls = search.structure_kls(SimpleNamespace(model=model), keys, dense_lp, held, both)
+    assert all(kls[k] > 0 for k in keys if k[0] > 0)
