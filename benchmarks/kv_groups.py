@@ -48,7 +48,7 @@ def measure(model_spec: str, profile_name: str, dtype: str, head: str) -> dict:
             for heads in (False, True):
                 t = time.perf_counter()
                 plan = make_plan(lm.model, stats, base, p, heads=heads, drop_layers=drop, recover="none", shapes="per-layer")
-                removed = sum(base["kv_heads"] - len(lp.kv_keep) for lp in plan.layers)
+                removed = plan.kv_groups_removed()
                 with masked(lm.model, plan) as pruned:
                     kl = search.kl_to_dense(dense_lp, pruned, held)
                 pred = latency.predict_for_profile(plan.geometry(), profile, dtype, head_dtype=head, imatrix=True)

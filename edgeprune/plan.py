@@ -74,6 +74,10 @@ class PrunePlan:
     def widths(self) -> list[int]:
         return [len(lp.ffn_keep) for lp in self.layers]
 
+    def kv_groups_removed(self) -> int:
+        """KV groups gone from the kept layers (a dropped layer's are not counted)."""
+        return sum(self.base["kv_heads"] - len(lp.kv_keep) for lp in self.layers)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
 

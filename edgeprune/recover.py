@@ -403,8 +403,8 @@ class _Normal:
             if intercept:
                 x.sub_(self.sx / n)
                 y.sub_(self.sy / n)
-            scale = float(x.pow(2).sum()) / self.k  # the mean diagonal of the (centred) K x K Gram
             a, r = x @ x.T, y - x @ w0t  # T x T, and the kept weights' residual T x d
+            scale = float(a.diagonal().sum()) / self.k  # trace(X X^T) / K: the mean diagonal of the (centred) K x K Gram
             rhs = lambda lam: r  # noqa: E731
             back = lambda z, lam: w0t + x.T @ z  # noqa: E731
         else:

@@ -81,7 +81,7 @@ class Candidate:
 
     @property
     def kv_removed(self) -> int:
-        return 0 if self.plan is None else sum(self.plan.base["kv_heads"] - len(lp.kv_keep) for lp in self.plan.layers)
+        return 0 if self.plan is None else self.plan.kv_groups_removed()
 
     @property
     def mix(self) -> str:
@@ -136,7 +136,7 @@ def enumerate_candidates(model, stats, base: dict, profile, mix_menu, targets, a
                                      seed=seed, shapes=shapes, heads=kv, recover="none")  # fit tries the recoveries itself
                 except EdgepruneError:
                     continue  # e.g. dropping layers alone already removes more than p asks
-                if kv and all(len(lp.kv_keep) == base["kv_heads"] for lp in plan.layers):
+                if kv and not plan.kv_groups_removed():
                     continue  # no group removed: the FFN-only structure
                 plans[(p, drop, kv)] = plan
     out = []
