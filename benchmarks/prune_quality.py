@@ -16,7 +16,7 @@ s_l / mean(s) * (1 - p); width int((n * ratio + 64) / 128) * 128; channels ranke
 their code would stop on NaN.) With 16k calibration tokens the importance differences are a few
 hundred, so after the 1e4 the allocation is nearly uniform.
 
-Rows: allocation (uniform, cfsp, sensitivity) x score x recovery (none, bias, lstsq), wall time of
+Rows: allocation (uniform, cfsp, sensitivity) x score x recovery (none, bias, lstsq and its variants below), wall time of
 plan + prune + recovery and peak RSS sampled during the row; then distillation from the dense model
 (edgeprune.distill) on top of the best retraining-free row, measured after 1, 3 and 10 minutes of
 training (one run, checkpoints). Prints a table, writes benchmarks/results/prune_quality.json and
@@ -58,12 +58,17 @@ HERE = Path(__file__).resolve().parent
 DATA = Path(os.environ.get("EDGEPRUNE_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
 ALLOCATIONS = ("uniform", "cfsp", "sensitivity")
 SCORES = ("cfsp", "activation", "wanda-sp", "magnitude", "condition")
-RECOVERIES = ("none", "bias", "lstsq")
+RECOVERIES = ("none", "bias", "lstsq-refit", "lstsq", "lstsq-obs")
+# lstsq: prune's default, the sequential refit and then each block's FFN tuned towards the dense block
+# output (edgeprune/blocktune.py); lstsq-refit: the refit alone (lstsq_tune=0); lstsq-obs: the default
+# with the FFN channels re-chosen block by block by sequential OBS (edgeprune/reselect.py)
+RECOVERY_ARGS = {"lstsq-refit": ("lstsq", {"lstsq_tune": 0}), "lstsq-obs": ("lstsq", {"lstsq_select": "obs"})}
 # the default grid: every allocation with the default score and recoveries, every score with CFSP's allocation
 DEFAULT_GRID = [("uniform", "cfsp", "none")] + [(a, "cfsp", r) for a in ("cfsp", "sensitivity") for r in ("none", "lstsq")] + \
-               [("cfsp", s, "none") for s in ("activation", "wanda-sp", "condition")] + [("cfsp", "condition", "lstsq")]
+               [("cfsp", s, "none") for s in ("activation", "wanda-sp", "condition")] + [("cfsp", "condition", "lstsq"), ("cfsp", "cfsp", "lstsq-refit"), ("cfsp", "cfsp", "lstsq-obs")]
 SMOKE_GRID = [("cfsp", "cfsp", "none"), ("sensitivity", "cfsp", "lstsq"), ("cfsp", "condition", "none")]
-TARGET_GRID = [("uniform", "cfsp", "none"), ("cfsp", "cfsp", "none"), ("cfsp", "cfsp", "lstsq")]  # the rows the targets are read from
+TARGET_GRID = [("uniform", "cfsp", "none"), ("cfsp", "cfsp", "none"), ("cfsp", "cfsp", "lstsq-refit"), ("cfsp", "cfsp", "lstsq"),
+               ("cfsp", "cfsp", "lstsq-obs")]  # the rows the targets are read from
 
 
 class PeakRSS:
@@ -126,12 +131,13 @@ def run_row(lm, stats, ids, windows, sparsity, allocation, score, recovery):
         plan = make_plan(lm.model, stats, base_of(lm), sparsity, method=method, score=score,
                          allocation=None if allocation == "uniform" else allocation, recover="none", align=32, ids=ids)
         plan_s = time.perf_counter() - t
-        trial = plan if recovery == "none" else with_recovery(plan, recovery)
+        step, step_args = RECOVERY_ARGS.get(recovery, (recovery, None))
+        trial = plan if recovery == "none" else with_recovery(plan, step, step_args)
         model = pruned_copy(lm.model, trial)
         summary = None
         if recovery != "none":
             rep = recover(model, lm.model, trial, stats, ids)
-            summary = (rep.get(recovery) or {}).get("summary")
+            summary = (rep.get(step) or {}).get("summary")
         wall = time.perf_counter() - t
     row = {"sparsity": sparsity, "allocation": allocation, "score": score, "recovery": recovery, "ppl": evaluate(model, windows),
            "ffn_sparsity": plan.achieved["ffn_sparsity"], "kept_ffn_channels": sum(len(lp.ffn_keep) for lp in plan.layers),
@@ -264,18 +270,19 @@ def merge(paths, out: Path) -> int:
 
 
 def summary_table(record) -> str:
-    lines = ["| FFN sparsity | authors' CFSP | cfsp, no recovery | best retraining-free (the default: cfsp + lstsq) | best + kd 1 / 3 / 10 min |",
-             "|---|---|---|---|---|"]
+    lines = ["| FFN sparsity | authors' CFSP | cfsp, no recovery | the default: cfsp + lstsq | best retraining-free | best + kd 1 / 3 / 10 min |",
+             "|---|---|---|---|---|---|"]
     for ref in (r for r in record["rows"] if r["allocation"] == "authors"):
         p = ref["sparsity"]
         rows = [r for r in record["rows"] if r.get("nominal_sparsity") == p]
-        default = next((r for r in rows if (r["allocation"], r["score"], r["recovery"]) == ("cfsp", "cfsp", "none")), None)
+        plain = next((r for r in rows if (r["allocation"], r["score"], r["recovery"]) == ("cfsp", "cfsp", "none")), None)
+        default = next((r for r in rows if (r["allocation"], r["score"], r["recovery"]) == ("cfsp", "cfsp", "lstsq")), None)
         best = min(rows, key=lambda r: r["ppl"]) if rows else None
         kd = next((k for k in record["distillation"] if k["nominal_sparsity"] == p), None)
         cell = lambda r: f"{r['ppl']:.2f} ({r['ppl'] / ref['ppl'] - 1:+.0%})" if r else "-"
         kd_cell = " / ".join(f"{c['ppl']:.2f} ({c['vs_authors']:+.0%})" for c in kd["checkpoints"]) if kd else "-"
-        lines.append(f"| {p:.0%} | {ref['ppl']:.2f} | {cell(default)} | {cell(best)} {best['allocation']}/{best['score']}/{best['recovery']} "
-                     f"| {kd_cell} |" if best else f"| {p:.0%} | {ref['ppl']:.2f} | - | - | - |")
+        lines.append(f"| {p:.0%} | {ref['ppl']:.2f} | {cell(plain)} | {cell(default)} | {cell(best)} {best['allocation']}/{best['score']}/{best['recovery']} "
+                     f"| {kd_cell} |" if best else f"| {p:.0%} | {ref['ppl']:.2f} | - | - | - | - |")
     return "\n".join(lines)
 
 
@@ -291,7 +298,7 @@ def plot(record, path):
     combos = sorted({(r["allocation"], r["score"], r["recovery"]) for r in record["rows"] if r["allocation"] != "authors"})
     for combo in combos:
         pts = sorted((r["nominal_sparsity"], r["ppl"]) for r in record["rows"] if (r["allocation"], r["score"], r["recovery"]) == combo)
-        ax.plot(*zip(*pts), marker="o", ms=3, lw=1, ls="-" if combo[2] == "lstsq" else ":", label="/".join(combo))
+        ax.plot(*zip(*pts), marker="o", ms=3, lw=1, ls="-" if combo[2].startswith("lstsq") else ":", label="/".join(combo))
     for kd in record["distillation"]:
         for c in kd["checkpoints"]:
             ax.scatter([kd["nominal_sparsity"]], [c["ppl"]], marker="*", s=40 + 6 * c["minutes"], color="crimson", zorder=5)

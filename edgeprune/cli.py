@@ -256,6 +256,8 @@ def prune(
     lora_steps: Optional[int] = typer.Option(None, "--lora-steps", help="LoRA training steps (default 200)"),
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="mean LoRA rank; per block proportional to its importance (default 8)"),
     recover_time: Optional[str] = typer.Option(None, "--recover-time", help="time box of --recover kd (distillation from the dense model), e.g. 5m, 5min, 90s or 300 (seconds; default 180s)"),
+    lstsq_select: Optional[str] = typer.Option(None, "--lstsq-select", help="lstsq: which FFN channels fill each block's width: plan (default: the --score ranking) or obs (re-chosen block by block by sequential OBS, ZipLM/SlimGPT)"),
+    lstsq_tune: Optional[int] = typer.Option(None, "--lstsq-tune", help="lstsq: then tune each refit block's FFN for this many epochs towards the dense block output, kept where held-out rows improve (0: off)"),
     drop_layers: Optional[int] = typer.Option(None, "--drop-layers", help="remove the K least important blocks first (COMP / ShortGPT Block Influence; default 0, comp: layers/15)"),
     target: Optional[str] = typer.Option(None, "--target", help="what --sparsity is a fraction of: ffn (default) or linear (default of flap)"),
     align: int = typer.Option(32, "--align", help="widths are multiples of this (32: Q4_0/Q8_0, 256: K-quants)"),
@@ -288,7 +290,8 @@ def prune(
     from edgeprune.apply import check_plan, model_geometry
 
     plan = PrunePlan.load(plan_file) if plan_file else None
-    recover_args = {"lora_steps": lora_steps, "lora_rank": lora_rank, "kd_seconds": _recover_seconds(recover_time)}
+    recover_args = {"lora_steps": lora_steps, "lora_rank": lora_rank, "kd_seconds": _recover_seconds(recover_time),
+                    "lstsq_select": lstsq_select, "lstsq_tune": lstsq_tune}
     if plan is None:
         validate_sparsity(sparsity)
         opts = resolve_options(method.value, score, target, allocation, heads, recover, recover_args)

@@ -63,17 +63,22 @@ def condition_order(layer, block, n_remove: int, ridge: float = CONDITION_RIDGE,
     g = block.ffn.gram
     if g is None:
         raise EdgepruneError("the condition score needs Gram matrices: calibrate with gram=True")
-    n = g.shape[0]
-    m = _ridge_inverse(g, ridge)
-    w = layer.mlp.down_proj.weight.detach().double().clone()
-    alive = torch.arange(n)
+    return obs_order(_ridge_inverse(g, ridge), layer.mlp.down_proj.weight.detach().double().clone(), n_remove, chunk)
+
+
+def obs_order(m: torch.Tensor, w: torch.Tensor, n_remove: int, chunk: int = CONDITION_CHUNK) -> list[int]:
+    """Greedy structured-OBS removal of `n_remove` input columns of `w` [d, n] (float64; consumed) for the quadratic E(W) = (W - W*) H (W - W*)^T, W* = `w`, M = H^-1 = `m` [n, n]: removing
+    column j and re-solving the others raises E by ||w[:, j]||² / M_jj, and the survivors become
+    w - w[:, j] M[j, :] / M_jj (ZipLM / SlimGPT). Positions in the returned order are column indices."""
+    n = m.shape[0]
+    alive = torch.arange(n, device=m.device)
     order: list[int] = []
     while len(order) < n_remove:
         c = min(chunk, n_remove - len(order))
         diag = m.diagonal().clone()
         wn = w.pow(2).sum(0)
-        f = torch.zeros(c, len(alive), dtype=torch.float64)  # rank-one factors: current M = m - f^T f
-        gone = torch.zeros(len(alive), dtype=torch.bool)
+        f = torch.zeros(c, len(alive), dtype=torch.float64, device=m.device)  # rank-one factors: current M = m - f^T f
+        gone = torch.zeros(len(alive), dtype=torch.bool, device=m.device)
         for t in range(c):
             e = wn / diag.clamp_min(1e-300)
             e[gone] = math.inf

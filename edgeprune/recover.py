@@ -27,6 +27,14 @@ sums, means, and for mask the Gram G = X^T X (float64). T = calibration tokens, 
                  `lstsq_inputs="dense"` is the one-pass FASP variant on the dense Gram instead:
                      W_K <- W G[:, K] (G[K, K] + λI)^-1,     λ = ridge · mean(diag G[K, K])
                  (kept for comparison). With `lstsq_intercept` (default) a bias is fitted jointly.
+                 Options of the sequential refit, each measured side by side in
+                 benchmarks/prune_quality.py before it could become a default:
+                   `lstsq_select="obs"`  re-choose which FFN channels fill each block's width by
+                       sequential structured OBS on the block's pruned inputs (reselect.py; ZipLM /
+                       SlimGPT); the plan's ffn_keep is updated to match.
+                   `lstsq_tune=E`  then E epochs of Adam on each refit block's whole FFN (gate, up,
+                       down) towards the dense block output, kept only where held-out rows improve
+                       (blocktune.py).
                  Measured on SmolLM2-135M (fp32, CFSP FFN pruning, 16 x 512 WikiText-2 valid tokens,
                  perplexity on 8 x 512 test windows, dense 30.15), none / dense one-pass / pruned
                  inputs: 20 % 39.8 / 42.0 / 38.0, 30 % 48.2 / 49.6 / 43.1, 50 % 98.5 / 69.9 / 61.6;
@@ -57,11 +65,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from edgeprune import arch
+from edgeprune.blocktune import tune_ffn
 from edgeprune.calibrate import CalibrationStats, ChannelStats, block_kwargs, calibrate, embed, rotary
 # LoRA lives in distill.py (kd_lora_rank trains adapters too); IG-LoRA below reuses it, and
 # LoRALinear stays importable from here
@@ -69,12 +79,18 @@ from edgeprune.distill import KD_DEFAULTS, KD_LORA_LR, LoRALinear, attach_lora, 
 from edgeprune.errors import EdgepruneError
 from edgeprune.offload import to_device, visiting
 from edgeprune.plan import PrunePlan
+from edgeprune.reselect import reselect_ffn
 
 CLOSED_FORM = ("bias", "lstsq", "mask")  # the recoveries solved in closed form from calibration data, one block at a time
 
+# lstsq's block-wise tuning (blocktune.py) by default: measured on SmolLM2-135M (benchmarks/prune_quality.py
+# protocol) it lowered perplexity at 31.7 % and 49.2 % FFN sparsity (53.61 -> 52.33, 73.49 -> 70.02) and left
+# 21.4 % as it was (45.53 -> 45.52), for ~3 s a block (large blocks see fewer tokens: blocktune.TUNE_WORK)
+LSTSQ_TUNE_EPOCHS = 4
 DEFAULTS = {
     "bias": {},
-    "lstsq": {"lstsq_ridge": "auto", "lstsq_intercept": True, "lstsq_inputs": "pruned", "lstsq_target": "block"},
+    "lstsq": {"lstsq_ridge": "auto", "lstsq_intercept": True, "lstsq_inputs": "pruned", "lstsq_target": "block", "lstsq_select": "plan",
+              "lstsq_tune": LSTSQ_TUNE_EPOCHS},
     "mask": {"mask_ridge": 1e-2, "mask_clip": [0.5, 2.0], "mask_intercept": False},
     "lora": {"lora_steps": 200, "lora_rank": 8, "lora_lr": 5e-4, "lora_batch": 2, "lora_seqlen": 128, "lora_direction": "importance",
              "lora_alpha": 2.0, "lora_seed": 0},
@@ -87,6 +103,7 @@ LSTSQ_DENSE_RIDGE = 1e-2  # lstsq_inputs="dense" with lstsq_ridge "auto": the on
 LSTSQ_HELDOUT_EVERY = 4  # lstsq holds every 4th calibration row out to choose the ridge
 LSTSQ_INPUTS = ("pruned", "dense")
 LSTSQ_TARGETS = ("block", "layer")
+LSTSQ_SELECT = ("plan", "obs")  # which FFN channels the refit keeps: the plan's, or re-chosen by sequential OBS (reselect.py)
 
 
 def _steps(recover: str | None) -> list[str]:
@@ -135,6 +152,15 @@ def check_recover_args(steps: list[str], args: dict) -> dict:
         raise EdgepruneError(f"lstsq_inputs must be one of {', '.join(LSTSQ_INPUTS)}, got {out['lstsq_inputs']}")
     if out.get("lstsq_target", "block") not in LSTSQ_TARGETS:
         raise EdgepruneError(f"lstsq_target must be one of {', '.join(LSTSQ_TARGETS)}, got {out['lstsq_target']}")
+    if out.get("lstsq_select", "plan") not in LSTSQ_SELECT:
+        raise EdgepruneError(f"lstsq_select must be one of {', '.join(LSTSQ_SELECT)}, got {out['lstsq_select']}")
+    tune = out.get("lstsq_tune", 0)
+    if not (isinstance(tune, int) and not isinstance(tune, bool) and 0 <= tune <= 100):
+        raise EdgepruneError(f"lstsq_tune must be a whole number of epochs from 0 (off) to 100, got {tune}")
+    if out.get("lstsq_inputs", "pruned") != "pruned":
+        for key, plain in (("lstsq_select", "plan"), ("lstsq_tune", 0)):
+            if out.get(key, plain) != plain:
+                raise EdgepruneError(f"{key}={out[key]} works on the pruned network's inputs: it needs lstsq_inputs=pruned")
     return dict(sorted(out.items()))
 
 
@@ -445,6 +471,13 @@ def dual_is_cheaper(tokens: int, k: int, d: int, ridges: int = 1) -> bool:
     return dual < primal
 
 
+def _post_ffn_norm(model) -> str | None:
+    """The decoder layer attribute of the norm after the FFN (Gemma 3's post_feedforward_layernorm), or None."""
+    from edgeprune.families import family_of
+
+    return family_of(model).norms.get("post_ffw_norm")
+
+
 def _post_norm(model, consumer: str) -> bool:
     """Whether a norm sits between `consumer`'s output and the residual stream (Gemma 3's
     post-attention and post-FFN norms): there the block output is not linear in the weights."""
@@ -459,16 +492,29 @@ def _run(layer, hidden: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Te
     return torch.cat([_out(layer(hidden[i : i + batch_size], use_cache=False, **kwargs)) for i in range(0, len(hidden), batch_size)])
 
 
+@dataclass(frozen=True)
+class _RefitOptions:
+    """How sequential_lstsq refits (its recovery arguments, resolved once)."""
+    split: tuple  # heldout_split(): fit mask, held-out rows, their mask
+    ridges: list
+    intercept: bool
+    target: str  # "block" or "layer" (per consumer: "layer" where a post-norm follows it)
+    post_norm: dict
+    batch_size: int
+    select: str = "plan"  # LSTSQ_SELECT
+    tune: int = 0  # lstsq_tune: epochs of block-wise tuning of each refit FFN (blocktune.py)
+    post_ffn: str | None = None  # the decoder layer's post-FFN norm attribute (Gemma 3), for the tuning
+
+
 def _sqerr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return float((a.double() - b.double()).pow(2).sum(-1)[mask].sum())
 
 
 @torch.no_grad()
 def _refit_consumer(layer, name: str, lin: nn.Linear, h_in: torch.Tensor, h_in_dense: torch.Tensor, h_out_dense: torch.Tensor,
-                    dense_y: torch.Tensor, target: str, kwargs: dict, split, ridges: list[float], intercept: bool,
-                    batch_size: int) -> dict:
+                    dense_y: torch.Tensor, target: str, kwargs: dict, opt: _RefitOptions) -> dict:
     """Refit one consumer of a pruned block in place; returns what was chosen and why."""
-    fit, held, held_mask = split
+    (fit, held, held_mask), ridges, intercept, batch_size = opt.split, opt.ridges, opt.intercept, opt.batch_size
     device = lin.weight.device
     w0 = lin.weight.detach().clone()
     b0 = lin.bias.detach().clone() if lin.bias is not None else None
@@ -548,11 +594,14 @@ def sequential_lstsq(blocks, model, plan: PrunePlan, ids: torch.Tensor, args: di
     h_d = to_device(h_d, block_device)
     h_p = h_d.clone()  # the pruned model shares the dense embedding
     post_norm = {name: _post_norm(model, name) for name in ("o_proj", "down_proj")}
+    opt = _RefitOptions(split, ridges, intercept, target, post_norm, batch_size, select=args.get("lstsq_select", "plan"),
+                        tune=args.get("lstsq_tune", 0),
+                        post_ffn=_post_ffn_norm(model))
     n_layers = plan.base["num_layers"]
     out = []
     for li, dl, pl, lp in blocks:
         with visiting(dl, block_device), visiting(pl, block_device, keep=True):
-            h_d, h_p, rep = _lstsq_block(li, dl, pl, lp, h_d, h_p, position, plan, split, ridges, intercept, target, post_norm, batch_size)
+            h_d, h_p, rep = _lstsq_block(li, dl, pl, lp, h_d, h_p, position, plan, opt)
         if rep is not None:
             out.append(rep)
         if progress:
@@ -562,11 +611,11 @@ def sequential_lstsq(blocks, model, plan: PrunePlan, ids: torch.Tensor, args: di
     return _lstsq_summary(out, n_consumers, n_refit, split, ridges, target)
 
 
-def _lstsq_block(li, dl, pl, lp, h_d, h_p, position, plan, split, ridges, intercept, target, post_norm, batch_size):
+def _lstsq_block(li, dl, pl, lp, h_d, h_p, position, plan, opt: _RefitOptions):
     """(next dense inputs, next pruned inputs, the block's report or None) for block `li`."""
     kw_d = block_kwargs(dl, position)
     if lp is None:  # a dropped layer: the dense stream goes through it, the pruned one skips it
-        return _run(dl, h_d, kw_d, batch_size), h_p, None
+        return _run(dl, h_d, kw_d, opt.batch_size), h_p, None
     kw_p = block_kwargs(pl, position)
     todo, rep = [], None
     if len(lp.kv_keep) < plan.base["kv_heads"]:  # o_proj first: its output feeds the FFN
@@ -574,26 +623,30 @@ def _lstsq_block(li, dl, pl, lp, h_d, h_p, position, plan, split, ridges, interc
     if len(lp.ffn_keep) < dl.mlp.down_proj.in_features:
         todo.append(("down_proj", pl.mlp.down_proj, dl.mlp.down_proj, lp.ffn_bias))
     if todo:
-        h_out_d, rep = _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, post_norm, batch_size)
+        h_out_d, rep = _refit_block(li, dl, pl, lp, todo, h_d, h_p, kw_d, kw_p, opt)
+        if opt.tune and "down_proj" in rep["consumers"]:
+            _, held, held_mask = opt.split
+            post = getattr(pl, opt.post_ffn) if opt.post_ffn else None
+            rep["tune"] = tune_ffn(pl, h_p, h_out_d, kw_p, opt.split[0], held, held_mask, opt.tune, opt.batch_size, post)
     else:
-        h_out_d = _run(dl, h_d, kw_d, batch_size)
-    return h_out_d, _run(pl, h_p, kw_p, batch_size), rep  # the next block's inputs, after this one's refit
+        h_out_d = _run(dl, h_d, kw_d, opt.batch_size)
+    return h_out_d, _run(pl, h_p, kw_p, opt.batch_size), rep  # the next block's inputs, after this one's refit
 
 
-def _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercept, target, post_norm, batch_size):
+def _refit_block(li, dl, pl, lp, todo, h_d, h_p, kw_d, kw_p, opt: _RefitOptions):
     """(dense block output, report): every pruned consumer of block `li` refit in turn."""
     # the dense block once, keeping its consumers' outputs (the "layer" targets, and o_proj's "block" one)
     ys = {name: [] for name, *_ in todo}
     hooks = [dlin.register_forward_hook(lambda m, a, o, n=name: ys[n].append(o)) for name, _, dlin, _ in todo]
     try:
-        h_out_d = _run(dl, h_d, kw_d, batch_size)
+        h_out_d = _run(dl, h_d, kw_d, opt.batch_size)
     finally:
         for h in hooks:
             h.remove()
     ys = {n: torch.cat(v) for n, v in ys.items()}
     report = {"layer": li, "consumers": {}}
     for name, lin, _, has_bias in todo:
-        if intercept and not has_bias:
+        if opt.intercept and not has_bias:
             raise EdgepruneError(f"layer {li} {name}: lstsq fits a bias but the plan has no bias flag there "
                                  "(make the plan with the same --recover)")
         # Target: by default the dense *block* output, i.e. the consumer also cancels the error
@@ -604,9 +657,15 @@ def _refit_block(li, dl, pl, todo, h_d, h_p, kw_d, kw_p, split, ridges, intercep
         # follows the consumer (Gemma 3's post-norms) the block output is not linear in the
         # weights, so there (and with lstsq_target="layer") the dense consumer output on the
         # dense inputs is the target.
-        tgt = "layer" if target == "layer" or post_norm[name] else "block"
-        info = _refit_consumer(pl, name, lin, h_p, h_d, h_out_d, ys[name], tgt, kw_p, split, ridges, intercept, batch_size)
+        tgt = "layer" if opt.target == "layer" or opt.post_norm[name] else "block"
+        chosen = None
+        if name == "down_proj" and opt.select == "obs":  # which channels fill the plan's width: chosen here (reselect.py)
+            chosen = reselect_ffn(pl, dl, lp, h_p, h_out_d, ys[name], kw_p, opt.split[0], tgt, opt.intercept, opt.batch_size)
+            lin = pl.mlp.down_proj
+        info = _refit_consumer(pl, name, lin, h_p, h_d, h_out_d, ys[name], tgt, kw_p, opt)
         info["target"] = tgt
+        if chosen is not None:
+            info["reselected"] = chosen
         report["consumers"][name] = info
     chain = list(report["consumers"].values())
     report["heldout_before"], report["heldout_after"] = chain[0]["heldout_before"], chain[-1]["heldout_after"]
@@ -621,20 +680,25 @@ def _lstsq_summary(blocks, n_consumers, n_refit, split, ridges, target) -> dict:
     cols = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]}..{widths[-1]}" if widths else "0"
     before = sum(b["heldout_before"] for b in blocks) / max(len(blocks), 1)
     after = sum(b["heldout_after"] for b in blocks) / max(len(blocks), 1)
-    cannot = n_refit == 0
+    tuned = [b["tune"] for b in blocks if "tune" in b]
+    n_tuned = sum(t["kept"] for t in tuned)
+    cannot = n_refit == 0 and n_tuned == 0
+    tune_note = f"; FFN tuning kept in {n_tuned} of {len(tuned)} blocks" if tuned else ""
     if not blocks:
         summary = "lstsq cannot help here: the plan removes no FFN channel and no KV group, nothing to refit"
     elif cannot:
         summary = (f"lstsq cannot help here: no ridge in {{{grid}}} lowered the held-out error of any block "
-                   f"({fit_tokens} fit tokens for {cols} columns, {held_tokens} held-out tokens); the weights are unchanged")
+                   f"({fit_tokens} fit tokens for {cols} columns, {held_tokens} held-out tokens)"
+                   + (" and no block's FFN tuning did" if tuned else "") + "; the weights are unchanged")
     else:
         summary = (f"lstsq refit {n_refit} of {n_consumers} consumers on the pruned network's inputs "
                    f"(ridge chosen on {held_tokens} held-out tokens, {fit_tokens} fit tokens); mean relative held-out "
-                   f"block error {before:.4g} -> {after:.4g}" + (f"; {n_consumers - n_refit} left unchanged" if n_refit < n_consumers else ""))
+                   f"block error {before:.4g} -> {after:.4g}" + (f"; {n_consumers - n_refit} left unchanged" if n_refit < n_consumers else "")
+                   + tune_note)
     return {"consumers": n_consumers, "refit": n_refit, "unchanged": n_consumers - n_refit, "cannot_help": cannot,
             "summary": summary, "inputs": "pruned", "target": target, "ridge_grid": ridges, "fit_tokens": fit_tokens,
             "heldout_tokens": held_tokens, "heldout_rows": [int(r) for r in held],
-            "heldout_before": before, "heldout_after": after, "blocks": blocks}
+            "heldout_before": before, "heldout_after": after, "tuned": n_tuned, "blocks": blocks}
 
 
 # ------------------------------------------------------------------------------------------ LoRA

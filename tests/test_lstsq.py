@@ -36,6 +36,8 @@ def _setup(family, tok, rows=16, seqlen=48, ffn=256, layers=4, seed=1):
 
 
 def _plan(model, stats, base, p, heads=False, drop=0, recover="lstsq", recover_args=None, method="cfsp"):
+    # the refit alone: the block-wise tuning that follows it by default is tests/test_blocktune.py's
+    recover_args = {"lstsq_tune": 0, **(recover_args or {})} if "lstsq" in recover else recover_args
     return make_plan(model, stats, base, p, method=method, heads=heads, target="linear" if heads else "ffn", drop_layers=drop,
                      recover=recover, recover_args=recover_args, shapes="per-layer")
 
