@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from edgeprune.calibrate import block_output
+
 TUNE_LR = 1e-3  # measured on SmolLM2-135M at 31.7 % FFN: 1e-4 53.10, 1e-3 52.33, 2e-3 (8 epochs, overfitting after 3) 53.24
 TUNE_TOKENS = 512
 # at most this many (trained parameters x tokens seen) per block: SmolLM2-135M's 4 epochs of 12k tokens
@@ -39,9 +41,6 @@ def token_weights(h: torch.Tensor) -> torch.Tensor:
     return 1 / (ms + 1e-6 * float(ms.mean().clamp_min(1e-30)))
 
 
-def _out(o):
-    return o[0] if isinstance(o, tuple) else o
-
 
 def _ffn_io(block, h: torch.Tensor, kwargs: dict, post, batch_size: int):
     """(FFN inputs, the rest of the block output) of `block` on inputs `h`, flattened to tokens."""
@@ -51,7 +50,7 @@ def _ffn_io(block, h: torch.Tensor, kwargs: dict, post, batch_size: int):
     xs, rest = [], []
     try:
         for i in range(0, len(h), batch_size):
-            out = _out(block(h[i : i + batch_size], use_cache=False, **kwargs))
+            out = block_output(block(h[i : i + batch_size], use_cache=False, **kwargs))
             xs.append(seen["x"].reshape(-1, seen["x"].shape[-1]))
             rest.append((out - post(seen["y"])).reshape(-1, out.shape[-1]))
     finally:

@@ -86,6 +86,11 @@ class CalibrationStats:
         return [b.one_minus_cos for b in self.blocks]
 
 
+
+def block_output(out):
+    """A decoder layer's hidden-state output (transformers returns a tensor or a tuple, by version)."""
+    return out[0] if isinstance(out, tuple) else out
+
 def rotary(model, seqlen: int, like: torch.Tensor) -> dict:
     """What every decoder block of `model` needs besides its input, for causal sequences of `seqlen`
     tokens without padding: rotary tables (Gemma 3: global and local ones) and, for sliding-window
@@ -123,7 +128,7 @@ def run_block(layer, hidden: torch.Tensor, position: dict, batch_size: int = 8) 
     outs = []
     for i in range(0, len(hidden), batch_size):
         out = layer(hidden[i : i + batch_size], use_cache=False, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        outs.append(block_output(out))
     return torch.cat(outs)
 
 

@@ -72,7 +72,7 @@ from torch import nn
 
 from edgeprune import arch
 from edgeprune.blocktune import tune_ffn
-from edgeprune.calibrate import CalibrationStats, ChannelStats, block_kwargs, calibrate, embed, rotary
+from edgeprune.calibrate import CalibrationStats, ChannelStats, block_kwargs, block_output, calibrate, embed, rotary
 # LoRA lives in distill.py (kd_lora_rank trains adapters too); IG-LoRA below reuses it, and
 # LoRALinear stays importable from here
 from edgeprune.distill import KD_DEFAULTS, KD_LORA_LR, LoRALinear, attach_lora, distill, merge_lora  # noqa: F401
@@ -369,9 +369,6 @@ def heldout_split(rows: int, seqlen: int) -> tuple[torch.Tensor, torch.Tensor, t
     return fit, torch.tensor([0]), ~fit
 
 
-def _out(o):
-    return o[0] if isinstance(o, tuple) else o
-
 
 class _Normal:
     """The least-squares system of one consumer over the fit tokens, accumulated in float64.
@@ -489,7 +486,7 @@ def _post_norm(model, consumer: str) -> bool:
 
 @torch.no_grad()
 def _run(layer, hidden: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
-    return torch.cat([_out(layer(hidden[i : i + batch_size], use_cache=False, **kwargs)) for i in range(0, len(hidden), batch_size)])
+    return torch.cat([block_output(layer(hidden[i : i + batch_size], use_cache=False, **kwargs)) for i in range(0, len(hidden), batch_size)])
 
 
 @dataclass(frozen=True)
@@ -527,7 +524,7 @@ def _refit_consumer(layer, name: str, lin: nn.Linear, h_in: torch.Tensor, h_in_d
     held_pos = {int(r): j for j, r in enumerate(held)}
     try:
         for i in range(0, len(h_in), batch_size):
-            out = _out(layer(h_in[i : i + batch_size], use_cache=False, **kwargs))
+            out = block_output(layer(h_in[i : i + batch_size], use_cache=False, **kwargs))
             x, y_old = seen["x"], seen["y"].double()
             if target == "layer":  # the dense consumer's output on the dense inputs
                 want = dense_y[i : i + batch_size].double()

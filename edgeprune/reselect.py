@@ -29,13 +29,11 @@ from __future__ import annotations
 import torch
 
 from edgeprune.apply import prune_ffn
-from edgeprune.condition import obs_order
+from edgeprune.calibrate import block_output
+from edgeprune.condition import _ridge_inverse, obs_order
 
 SELECT_RIDGE = 1e-2
 
-
-def _out(o):
-    return o[0] if isinstance(o, tuple) else o
 
 
 @torch.no_grad()
@@ -61,7 +59,7 @@ def reselect_ffn(pl, dl, lp, h_p: torch.Tensor, h_out_dense: torch.Tensor, dense
     hook = down.register_forward_hook(lambda m, a, o: seen.update(x=a[0], y=o))
     try:
         for i in range(0, len(h_p), batch_size):
-            out = _out(pl(h_p[i : i + batch_size], use_cache=False, **kwargs))
+            out = block_output(pl(h_p[i : i + batch_size], use_cache=False, **kwargs))
             x, y = seen["x"].double(), seen["y"].double()
             want = dense_y[i : i + batch_size].double() if target == "layer" else y + (h_out_dense[i : i + batch_size].double() - out.double())
             m = fit[i : i + batch_size].to(device)
@@ -77,12 +75,10 @@ def reselect_ffn(pl, dl, lp, h_p: torch.Tensor, h_out_dense: torch.Tensor, dense
     if intercept:  # the bias is unpenalised: solve on centred sums
         g.addr_(sx, sx, alpha=-1 / max(count, 1))
         xy.addr_(sx, sy, alpha=-1 / max(count, 1))
-    lam = SELECT_RIDGE * max(float(g.diagonal().mean()), 1e-30)
-    g.diagonal().add_(lam)
+    lam = SELECT_RIDGE * float(g.diagonal().mean().clamp_min(1e-30))  # the λ _ridge_inverse adds
+    hinv = _ridge_inverse(g, SELECT_RIDGE)
+    del g
     w0t = down.weight.detach().double().T
-    chol, info = torch.linalg.cholesky_ex(g)
-    hinv = torch.cholesky_inverse(chol) if int(info) == 0 else torch.linalg.pinv(g, hermitian=True)
-    del g, chol
     w_star = (hinv @ (xy + lam * w0t)).T.contiguous()  # [d, n]: the minimiser of E over all columns
     removed = set(obs_order(hinv, w_star, n - width))
     keep = [j for j in range(n) if j not in removed]
